@@ -1,0 +1,283 @@
+"""Declarative torch ↔ JAX key maps, applied in both directions from the same table.
+
+A `Rule` ties one PyTorch key pattern to one or more JAX parameter paths and a `Transform`. Patterns may
+hold `{layer}`: the JAX parameter then has a leading "layers" axis (stacked layers) and the rule expands
+to one torch key per layer. Reading is strict: missing, unexpected, mis-shaped and wrongly typed tensors
+are all collected and reported in one `CheckpointMismatchError`; keys that exist in some checkpoints but
+do not matter are listed in the map as ignored, with the reason, and returned in the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from m3d_jax.convert.torch_io import CheckpointReader, TensorSpec, write_checkpoint
+
+Shape = tuple[int, ...]
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's keys, shapes or dtypes do not match the model the key map describes."""
+
+
+# --- transforms: per-tensor maps between the torch layout and the JAX layout -----------------------
+
+
+class Transform:
+    """Identity: the torch tensor and the JAX parameter have the same shape."""
+
+    def torch_shape(self, jax_shapes: Sequence[Shape]) -> Shape:
+        (shape,) = jax_shapes
+        return tuple(shape)
+
+    def to_jax(self, tensor: np.ndarray, jax_shapes: Sequence[Shape]) -> list[np.ndarray]:
+        return [tensor.reshape(jax_shapes[0])]
+
+    def to_torch(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        return arrays[0].reshape(self.torch_shape([a.shape for a in arrays]))
+
+
+IDENTITY = Transform()
+
+
+class Reshape(Transform):
+    """Same elements, another shape: e.g. torch [1, N, D] position table ↔ JAX [N, D], or a flat torch
+    bias ↔ a grouped JAX bias [3, heads, head_dim]. `leading_ones` ones are prepended to the flat torch
+    shape (torch shape = (1,)*leading_ones + jax shape) unless `flatten` asks for a 1D torch tensor."""
+
+    def __init__(self, *, leading_ones: int = 0, flatten: bool = False):
+        self.leading_ones = leading_ones
+        self.flatten = flatten
+
+    def torch_shape(self, jax_shapes: Sequence[Shape]) -> Shape:
+        (shape,) = jax_shapes
+        return (math.prod(shape),) if self.flatten else (1,) * self.leading_ones + tuple(shape)
+
+
+class Linear(Transform):
+    """torch Linear weight [out, in] ↔ JAX kernel [*in_axes, *out_axes]; the first `n_in` kernel axes
+    are the input."""
+
+    def __init__(self, n_in: int = 1):
+        self.n_in = n_in
+
+    def torch_shape(self, jax_shapes: Sequence[Shape]) -> Shape:
+        (shape,) = jax_shapes
+        return (math.prod(shape[self.n_in:]), math.prod(shape[: self.n_in]))
+
+    def to_jax(self, tensor: np.ndarray, jax_shapes: Sequence[Shape]) -> list[np.ndarray]:
+        return [tensor.T.reshape(jax_shapes[0])]
+
+    def to_torch(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        (kernel,) = arrays
+        return np.ascontiguousarray(kernel.reshape(self.torch_shape([kernel.shape])[::-1]).T)
+
+
+LINEAR = Linear()
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    torch: str  # e.g. "blocks.{layer}.attn.qkv.weight"
+    jax: str | tuple[str, ...]  # dotted parameter path(s), e.g. "blocks.attn.qkv.kernel"
+    transform: Transform = IDENTITY
+
+    @property
+    def jax_paths(self) -> tuple[str, ...]:
+        return (self.jax,) if isinstance(self.jax, str) else tuple(self.jax)
+
+    @property
+    def stacked(self) -> bool:
+        return "{layer}" in self.torch
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One concrete torch tensor of a key map expanded against a model."""
+
+    torch_key: str
+    torch_shape: Shape
+    jax_paths: tuple[str, ...]
+    layer: int | None
+    transform: Transform
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyMap:
+    """The full mapping of one checkpoint layout: rules, a key prefix, and torch keys to ignore."""
+
+    name: str
+    rules: tuple[Rule, ...]
+    prefix: str = ""
+    ignored: tuple[tuple[str, str], ...] = ()  # (pattern with {layer}/*, reason), matched after the prefix
+
+    def with_prefix(self, prefix: str, name: str | None = None) -> KeyMap:
+        return dataclasses.replace(self, prefix=prefix + self.prefix, name=name or self.name)
+
+    def ignoring(self, *patterns: tuple[str, str]) -> KeyMap:
+        return dataclasses.replace(self, ignored=self.ignored + tuple(patterns))
+
+    def expand(self, shapes: Mapping[str, Shape]) -> list[Entry]:
+        """Concrete entries for a model whose parameters have these (dotted path → shape)."""
+        entries, claimed = [], set()
+        for rule in self.rules:
+            missing = [p for p in rule.jax_paths if p not in shapes]
+            if missing:
+                raise KeyError(f"key map {self.name!r}: rule for {rule.torch!r} names unknown parameters {missing}")
+            claimed.update(rule.jax_paths)
+            full_shapes = [shapes[p] for p in rule.jax_paths]
+            if not rule.stacked:
+                torch_shape = rule.transform.torch_shape(full_shapes)
+                entries.append(Entry(self.prefix + rule.torch, torch_shape, rule.jax_paths, None, rule.transform))
+                continue
+            num_layers = full_shapes[0][0]
+            layer_shapes = [s[1:] for s in full_shapes]
+            torch_shape = rule.transform.torch_shape(layer_shapes)
+            for layer in range(num_layers):
+                key = self.prefix + rule.torch.format(layer=layer)
+                entries.append(Entry(key, torch_shape, rule.jax_paths, layer, rule.transform))
+        unclaimed = sorted(set(shapes) - claimed)
+        if unclaimed:
+            raise KeyError(f"key map {self.name!r} does not cover parameters {unclaimed}")
+        return entries
+
+    def ignored_reason(self, key: str) -> str | None:
+        if not key.startswith(self.prefix):
+            return None
+        local = key[len(self.prefix):]
+        for pattern, reason in self.ignored:
+            regex = re.escape(pattern).replace(r"\{layer\}", r"\d+").replace(r"\*", ".*")
+            if re.fullmatch(regex, local):
+                return reason
+        return None
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    converted: int
+    ignored: list[tuple[str, str]]  # (torch key, reason)
+
+
+def _describe(keys: Sequence[str], limit: int = 25) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def read_state(
+    reader: CheckpointReader, keymap: KeyMap, abstract_state: nnx.State
+) -> tuple[nnx.State, ConversionReport]:
+    """Converts a PyTorch checkpoint into an `nnx.State` shaped like `abstract_state` (from `nnx.eval_shape`).
+
+    Tensors are read, transformed and cast one at a time into preallocated host arrays in each
+    parameter's dtype. Raises `CheckpointMismatchError` listing every problem at once.
+    """
+    flat = _flat_values(abstract_state)
+    entries = keymap.expand({p: tuple(v.shape) for p, v in flat.items()})
+    expected = {e.torch_key: e for e in entries}
+    present = set(reader.keys())
+
+    missing = sorted(set(expected) - present)
+    ignored, unexpected = [], []
+    for key in sorted(present - set(expected)):
+        reason = keymap.ignored_reason(key)
+        (ignored.append((key, reason)) if reason else unexpected.append(key))
+    bad_shape, bad_dtype = [], []
+    for key in sorted(present & set(expected)):
+        info = reader.info(key)
+        if info.shape != expected[key].torch_shape:
+            bad_shape.append(f"{key} (file {info.file.name}: {list(info.shape)}, expected {list(expected[key].torch_shape)})")
+        if not np.issubdtype(info.dtype, np.floating):
+            bad_dtype.append(f"{key} (file {info.file.name}: {info.dtype}, expected a floating dtype)")
+    problems = [
+        f"{len(items)} {what}: {_describe(items)}"
+        for what, items in (
+            ("missing keys", missing), ("unexpected keys", unexpected),
+            ("tensors with the wrong shape", bad_shape), ("tensors with the wrong dtype", bad_dtype),
+        )
+        if items
+    ]
+    if problems:
+        raise CheckpointMismatchError(
+            f"checkpoint {reader.path} does not match the {keymap.name!r} layout:\n  " + "\n  ".join(problems)
+        )
+
+    arrays = {path: np.empty(var.shape, var.dtype) for path, var in flat.items()}
+    for entry in entries:
+        tensor = reader.read(entry.torch_key)
+        shapes = [arrays[p].shape[1:] if entry.layer is not None else arrays[p].shape for p in entry.jax_paths]
+        for path, value in zip(entry.jax_paths, entry.transform.to_jax(tensor, shapes)):
+            target = arrays[path] if entry.layer is None else arrays[path][entry.layer]
+            target[...] = value.astype(arrays[path].dtype)
+    state = _replace_values(abstract_state, arrays)
+    return state, ConversionReport(converted=len(entries), ignored=ignored)
+
+
+def _replace_values(abstract_state: nnx.State, arrays: Mapping[str, np.ndarray]) -> nnx.State:
+    flat = []
+    for path, var in nnx.to_flat_state(abstract_state):
+        flat.append((path, var.replace(arrays[".".join(map(str, path))])))
+    return nnx.from_flat_state(flat)
+
+
+def _flat_values(state: nnx.State) -> dict[str, nnx.Variable]:
+    return {".".join(map(str, path)): var for path, var in nnx.to_flat_state(state)}
+
+
+def _to_torch(entry: Entry, values: Mapping[str, nnx.Variable], dtype: Any) -> np.ndarray:
+    arrays = []
+    for path in entry.jax_paths:
+        value = values[path][...] if entry.layer is None else values[path][entry.layer]
+        arrays.append(np.asarray(jax.device_get(value)))
+    tensor = entry.transform.to_torch(arrays)
+    return tensor.astype(np.dtype(dtype)) if dtype is not None else tensor
+
+
+def iter_torch_tensors(keymap: KeyMap, state: nnx.State, dtype: Any = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (torch key, array) for every tensor of the layout, one at a time, optionally cast."""
+    values = _flat_values(state)
+    for entry in keymap.expand({p: tuple(v.shape) for p, v in values.items()}):
+        yield entry.torch_key, _to_torch(entry, values, dtype)
+
+
+def write_state(
+    out_dir: str | os.PathLike,
+    keymap: KeyMap,
+    state: nnx.State,
+    *,
+    dtype: Any = None,
+    config: dict | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> list[Path]:
+    """Exports `state` in the key map's PyTorch layout as sharded safetensors (+ index, + config.json).
+
+    Tensors keep their parameter dtype unless `dtype` is given; one tensor is materialised at a time.
+    """
+    values = _flat_values(state)
+    entries = keymap.expand({p: tuple(v.shape) for p, v in values.items()})
+    by_key = {e.torch_key: e for e in entries}
+    specs = [
+        TensorSpec(e.torch_key, e.torch_shape, np.dtype(dtype if dtype is not None else values[e.jax_paths[0]].dtype))
+        for e in entries
+    ]
+    produce = lambda key: _to_torch(by_key[key], values, dtype)  # noqa: E731
+    return write_checkpoint(out_dir, specs, produce, max_shard_bytes=max_shard_bytes, config=config)
+
+
+def load_model(
+    path: str | os.PathLike | CheckpointReader, keymap: KeyMap, make_model: Callable[[], nnx.Module]
+) -> tuple[nnx.Module, ConversionReport]:
+    """Builds the model abstractly (no random init) and fills it from a PyTorch checkpoint."""
+    reader = path if isinstance(path, CheckpointReader) else CheckpointReader(path)
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(make_model))
+    state, report = read_state(reader, keymap, abstract_state)
+    return nnx.merge(graphdef, state), report

@@ -1,0 +1,267 @@
+"""Streaming I/O for PyTorch checkpoints: read safetensors (single or sharded with an index) and
+`*.bin` files one tensor at a time, and write sharded safetensors + index that PyTorch loads.
+
+Safetensors files are memory-mapped and parsed here (a JSON header, then raw little-endian bytes), which
+gives bfloat16 through ml_dtypes and exact errors for truncated files. `.bin` files go through
+`torch.load(weights_only=True, mmap=True)`, never plain pickle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import struct
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+_ST_TO_NUMPY = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+_NUMPY_TO_ST = {v: k for k, v in _ST_TO_NUMPY.items()}
+
+
+class CheckpointReadError(ValueError):
+    """A checkpoint file is missing, truncated, corrupt or not in a supported format."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    file: Path
+
+
+class _SafetensorsFile:
+    """One memory-mapped .safetensors file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise CheckpointReadError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if 8 + header_len > size:
+                raise CheckpointReadError(
+                    f"{path}: truncated safetensors file: header claims {header_len} bytes, file has {size}"
+                )
+            try:
+                header = json.loads(handle.read(header_len))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise CheckpointReadError(f"{path}: corrupt safetensors header ({err})") from None
+        header.pop("__metadata__", None)
+        self.data_start = 8 + header_len
+        self.entries: dict[str, tuple[tuple[int, ...], np.dtype, int, int]] = {}
+        for key, entry in header.items():
+            if entry["dtype"] not in _ST_TO_NUMPY:
+                raise CheckpointReadError(f"{path}: tensor {key!r} has unsupported dtype {entry['dtype']}")
+            dtype = _ST_TO_NUMPY[entry["dtype"]]
+            begin, end = entry["data_offsets"]
+            shape = tuple(entry["shape"])
+            if end - begin != math.prod(shape) * dtype.itemsize:
+                raise CheckpointReadError(f"{path}: tensor {key!r} byte range does not match its shape {shape}")
+            if self.data_start + end > size:
+                raise CheckpointReadError(
+                    f"{path}: truncated file: tensor {key!r} ends at byte {self.data_start + end}, file has {size}"
+                )
+            self.entries[key] = (shape, dtype, begin, end)
+        self._mmap: np.memmap | None = None
+
+    def read(self, key: str) -> np.ndarray:
+        shape, dtype, begin, end = self.entries[key]
+        if self._mmap is None:
+            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+        raw = self._mmap[self.data_start + begin : self.data_start + end]
+        return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).reshape(shape)
+
+
+class _BinFile:
+    """One PyTorch pickle checkpoint, loaded lazily with mmap and weights_only."""
+
+    def __init__(self, path: Path):
+        try:
+            import torch
+        except ImportError:
+            raise CheckpointReadError(f"{path}: reading .bin checkpoints needs PyTorch (pip install torch)") from None
+        self.path = path
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # torch raises RuntimeError/UnpicklingError/EOFError for bad files
+            raise CheckpointReadError(
+                f"{path}: cannot read as a PyTorch checkpoint ({type(err).__name__}: {err}); "
+                "the file may be truncated, corrupt, or saved in the legacy non-zip format"
+            ) from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointReadError(f"{path}: expected a flat state dict of tensors, got {type(state).__name__}")
+        self.tensors = state
+        self.entries = {k: (tuple(v.shape), _torch_to_numpy_dtype(v.dtype, path, k)) for k, v in state.items()}
+
+    def read(self, key: str) -> np.ndarray:
+        import torch
+
+        tensor = self.tensors[key].contiguous()
+        if tensor.dtype == torch.bfloat16:
+            return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return tensor.numpy()
+
+
+def _torch_to_numpy_dtype(torch_dtype, path: Path, key: str) -> np.dtype:
+    name = str(torch_dtype).removeprefix("torch.")
+    if name == "bfloat16":
+        return np.dtype(ml_dtypes.bfloat16)
+    try:
+        return np.dtype(name)
+    except TypeError:
+        raise CheckpointReadError(f"{path}: tensor {key!r} has unsupported dtype {torch_dtype}") from None
+
+
+def _open(path: Path):
+    if not path.is_file():
+        raise CheckpointReadError(f"{path}: checkpoint file not found")
+    return _SafetensorsFile(path) if path.suffix == ".safetensors" else _BinFile(path)
+
+
+class CheckpointReader:
+    """Key-level access to a PyTorch checkpoint: a file, or a folder holding a sharded index, a single
+    `model.safetensors` / `pytorch_model.bin`, or exactly one `.safetensors`/`.bin` file.
+
+    Files are opened when first needed and tensors are read one at a time.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._files: dict[Path, object] = {}
+        self._key_to_file: dict[str, Path] = self._discover()
+
+    def _discover(self) -> dict[str, Path]:
+        path = self.path
+        if path.is_file():
+            return dict.fromkeys(self._file(path).entries, path)
+        if not path.is_dir():
+            raise CheckpointReadError(f"{path}: no such checkpoint file or folder")
+        for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+            index_path = path / index_name
+            if index_path.is_file():
+                try:
+                    weight_map = json.loads(index_path.read_text())["weight_map"]
+                except (json.JSONDecodeError, KeyError) as err:
+                    raise CheckpointReadError(f"{index_path}: not a valid checkpoint index ({err})") from None
+                for shard in sorted(set(weight_map.values())):
+                    if not (path / shard).is_file():
+                        raise CheckpointReadError(f"{index_path}: lists shard {shard!r}, which is missing")
+                return {key: path / shard for key, shard in weight_map.items()}
+        candidates = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin"))
+        preferred = [p for p in candidates if p.name in ("model.safetensors", "pytorch_model.bin")]
+        chosen = preferred[:1] or candidates
+        if len(chosen) != 1:
+            found = ", ".join(p.name for p in candidates) or "none"
+            raise CheckpointReadError(
+                f"{path}: expected one checkpoint file or an index ({SAFETENSORS_INDEX}, {BIN_INDEX}); found: {found}"
+            )
+        return dict.fromkeys(self._file(chosen[0]).entries, chosen[0])
+
+    def _file(self, path: Path):
+        if path not in self._files:
+            self._files[path] = _open(path)
+        return self._files[path]
+
+    def keys(self) -> list[str]:
+        return list(self._key_to_file)
+
+    def info(self, key: str) -> TensorInfo:
+        file = self._key_to_file[key]
+        entries = self._file(file).entries
+        if key not in entries:
+            raise CheckpointReadError(f"{file}: the index lists tensor {key!r}, but the file does not contain it")
+        shape, dtype = entries[key][:2]
+        return TensorInfo(tuple(shape), dtype, file)
+
+    def read(self, key: str) -> np.ndarray:
+        return self._file(self._key_to_file[key]).read(key)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    key: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _write_safetensors(path: Path, specs: Sequence[TensorSpec], produce: Callable[[str], np.ndarray]) -> None:
+    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for spec in specs:
+        header[spec.key] = {
+            "dtype": _NUMPY_TO_ST[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]
+        }
+        offset += spec.nbytes
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)  # align the data section
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(struct.pack("<Q", len(header_bytes)))
+        handle.write(header_bytes)
+        for spec in specs:
+            array = np.ascontiguousarray(produce(spec.key))
+            if array.shape != spec.shape or array.dtype != spec.dtype:
+                raise ValueError(f"{spec.key}: produced {array.dtype}{list(array.shape)}, planned {spec.dtype}{list(spec.shape)}")
+            handle.write(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+    os.replace(tmp, path)
+
+
+def write_checkpoint(
+    out_dir: str | os.PathLike,
+    specs: Sequence[TensorSpec],
+    produce: Callable[[str], np.ndarray],
+    *,
+    max_shard_bytes: int = 5 * 2**30,
+    config: dict | None = None,
+) -> list[Path]:
+    """Writes tensors as HF-style safetensors: `model.safetensors`, or `model-0000i-of-0000n.safetensors`
+    plus `model.safetensors.index.json` when they exceed `max_shard_bytes`; `config.json` if given.
+
+    `produce(key)` is called once per tensor, in order, so only one tensor is in memory at a time.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards: list[list[TensorSpec]] = [[]]
+    shard_bytes = 0
+    for spec in specs:
+        if shards[-1] and shard_bytes + spec.nbytes > max_shard_bytes:
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append(spec)
+        shard_bytes += spec.nbytes
+    written = []
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        weight_map = {spec.key: name for name, shard in zip(names, shards) for spec in shard}
+        index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}
+        (out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
+        written.append(out_dir / SAFETENSORS_INDEX)
+    for name, shard in zip(names, shards):
+        _write_safetensors(out_dir / name, shard, produce)
+        written.append(out_dir / name)
+    if config is not None:
+        (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+        written.append(out_dir / "config.json")
+    return written
+

@@ -1,0 +1,108 @@
+"""Reading 3D volumes and M3D's preprocessing: min-max to [0, 1], crop to the foreground, trilinear resize.
+
+Arrays are channel-first [C, D, H, W] float32, D being the slice (axial) axis, as M3D stores them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+class VolumeError(ValueError):
+    """A volume file is missing, unreadable or has the wrong shape or values."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Volume:
+    array: np.ndarray  # [C, D, H, W] float32
+    affine: np.ndarray | None  # 4×4 voxel → world transform of the [W, H, D] (RAS-canonical x, y, z) grid
+    path: Path
+
+
+def load_volume(path: str | os.PathLike) -> Volume:
+    """Loads `.nii`/`.nii.gz` (reoriented to RAS canonical, returned as [1, D=z, H=y, W=x]) or a `.npy`
+    in M3D's prepared layout ([1, D, H, W] or [D, H, W])."""
+    path = Path(path)
+    if not path.is_file():
+        raise VolumeError(f"{path}: volume file not found")
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        try:
+            image = nib.as_closest_canonical(nib.load(path))
+            data = np.asarray(image.dataobj, dtype=np.float32)
+        except (OSError, EOFError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError) as err:
+            raise VolumeError(f"{path}: cannot read NIfTI volume ({type(err).__name__}: {err})") from None
+        if data.ndim == 4 and data.shape[-1] == 1:
+            data = data[..., 0]
+        if data.ndim != 3:
+            raise VolumeError(f"{path}: expected a 3D NIfTI volume, got shape {data.shape}")
+        array, affine = data.transpose(2, 1, 0)[None], image.affine
+    elif name.endswith(".npy"):
+        try:
+            array = np.load(path, allow_pickle=False).astype(np.float32)
+        except (OSError, ValueError, EOFError) as err:
+            raise VolumeError(f"{path}: cannot read .npy volume ({err})") from None
+        if array.ndim == 3:
+            array = array[None]
+        if array.ndim != 4:
+            raise VolumeError(f"{path}: expected [C, D, H, W] or [D, H, W], got shape {array.shape}")
+        affine = None
+    else:
+        raise VolumeError(f"{path}: unsupported volume format (use .nii, .nii.gz or .npy)")
+    if not np.isfinite(array).all():
+        raise VolumeError(f"{path}: volume contains NaN or Inf voxels")
+    return Volume(array, affine, path)
+
+
+def min_max(array: np.ndarray) -> np.ndarray:
+    """Scales to [0, 1] over the whole volume; a constant volume becomes all zeros."""
+    low, high = float(array.min()), float(array.max())
+    if high <= low:
+        return np.zeros_like(array, dtype=np.float32)
+    return ((array - low) / (high - low)).astype(np.float32)
+
+
+def crop_foreground(array: np.ndarray) -> np.ndarray:
+    """Crops [C, D, H, W] to the bounding box of voxels > 0 in any channel (MONAI CropForeground, margin 0).
+    A volume with no foreground is returned unchanged."""
+    foreground = (array > 0).any(axis=0)
+    if not foreground.any():
+        return array
+    slices = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hits = np.flatnonzero(foreground.any(axis=other))
+        slices.append(slice(hits[0], hits[-1] + 1))
+    return array[(slice(None), *slices)]
+
+
+def resize_trilinear(array: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Trilinear resize of [C, D, H, W] to [C, *size] with half-pixel centres (torch `interpolate`,
+    mode="trilinear", align_corners=False, no antialiasing), done as three separable 1D passes."""
+    out = array.astype(np.float32)
+    for axis, new in zip((1, 2, 3), size):
+        old = out.shape[axis]
+        if old == new:
+            continue
+        src = np.maximum((np.arange(new, dtype=np.float64) + 0.5) * (old / new) - 0.5, 0.0)
+        low = np.minimum(np.floor(src).astype(np.int64), old - 1)
+        high = np.minimum(low + 1, old - 1)
+        weight_shape = [1, 1, 1, 1]
+        weight_shape[axis] = new
+        weight = (src - low).astype(np.float32).reshape(weight_shape)
+        out = np.take(out, low, axis=axis) * (1 - weight) + np.take(out, high, axis=axis) * weight
+    return out
+
+
+def preprocess(array: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """M3D's preparation of a raw volume: min-max to [0, 1] → crop foreground → trilinear resize."""
+    return resize_trilinear(crop_foreground(min_max(array)), size)

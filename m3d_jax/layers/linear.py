@@ -1,0 +1,70 @@
+"""A dense layer over groups of axes, so fused projections keep their heads as separate (shardable) axes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from m3d_jax.layers.params import DType, Initializer, param, zeros
+
+
+def _as_tuple(value: int | Sequence[int]) -> tuple[int, ...]:
+    return (value,) if isinstance(value, int) else tuple(value)
+
+
+class Dense(nnx.Module):
+    """y = x · kernel + bias, contracting the trailing `in_features` axes of x.
+
+    The kernel has shape (*in_features, *out_features); e.g. a fused qkv projection is
+    Dense(768, (3, 12, 64)) with axes ("embed", None, "heads", "head_dim"). Parameters are stored in
+    `param_dtype` and cast to `dtype` for the computation.
+    """
+
+    def __init__(
+        self,
+        in_features: int | Sequence[int],
+        out_features: int | Sequence[int],
+        *,
+        axes: Sequence[str | None],
+        use_bias: bool = True,
+        dtype: DType = jnp.float32,
+        param_dtype: DType = jnp.float32,
+        kernel_init: Initializer | None = None,
+        precision: jax.lax.PrecisionLike = None,
+        rngs: nnx.Rngs,
+    ):
+        self.in_features = _as_tuple(in_features)
+        self.out_features = _as_tuple(out_features)
+        self.dtype = dtype
+        self.precision = precision
+        kernel_init = kernel_init or nnx.initializers.lecun_normal()
+        kernel_shape = self.in_features + self.out_features
+        self.kernel = param(rngs, _flatten_init(kernel_init, len(self.in_features)), kernel_shape, param_dtype, axes)
+        out_axes = tuple(axes)[len(self.in_features):]
+        self.bias = param(rngs, zeros, self.out_features, param_dtype, out_axes) if use_bias else None
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        n_in = len(self.in_features)
+        if inputs.shape[-n_in:] != self.in_features:
+            raise ValueError(f"Dense expects trailing input axes {self.in_features}, got input shape {inputs.shape}")
+        kernel = self.kernel[...].astype(self.dtype)
+        batch_ndim = inputs.ndim - n_in
+        contract = (tuple(range(batch_ndim, inputs.ndim)), tuple(range(n_in)))
+        outputs = jax.lax.dot_general(inputs.astype(self.dtype), kernel, (contract, ((), ())), precision=self.precision)
+        if self.bias is not None:
+            outputs = outputs + self.bias[...].astype(self.dtype)
+        return outputs
+
+
+def _flatten_init(init: Initializer, n_in: int) -> Initializer:
+    """Runs a 2D initialiser on the (fan_in, fan_out) view of a grouped kernel, so fan sizes are right."""
+
+    def grouped_init(key, shape, dtype):
+        fan_in, fan_out = math.prod(shape[:n_in]), math.prod(shape[n_in:])
+        return init(key, (fan_in, fan_out), dtype).reshape(shape)
+
+    return grouped_init

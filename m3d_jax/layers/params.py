@@ -1,0 +1,56 @@
+"""Parameter creation with logical axis names, and dtype helpers shared by all layers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[[jax.Array, Sequence[int], Any], jax.Array]
+DType = Any
+
+# Flax renamed the sharding metadata key across releases; read whichever this version writes.
+_SHARDING_KEYS = ("out_sharding", "sharding_names", "sharding")
+
+
+def param(
+    rngs: nnx.Rngs,
+    init: Initializer,
+    shape: Sequence[int],
+    dtype: DType,
+    axes: Sequence[str | None],
+) -> nnx.Param:
+    """Creates an `nnx.Param` whose metadata carries one logical axis name per dimension."""
+    if len(axes) != len(shape):
+        raise ValueError(f"{len(axes)} logical axis names {tuple(axes)} for a parameter of shape {tuple(shape)}")
+    # Parameters are placed by the sharded initialiser (m3d_jax.sharding), not eagerly at creation.
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), sharding=tuple(axes), eager_sharding=False)
+
+
+def logical_axes(variable: nnx.Variable) -> tuple[str | None, ...] | None:
+    """Returns the logical axis names a parameter was declared with (None if it has none)."""
+    metadata = variable.get_metadata()
+    for key in _SHARDING_KEYS:
+        if metadata.get(key) is not None:
+            return tuple(metadata[key])
+    return None
+
+
+def canonical_dtype(name: DType) -> jnp.dtype:
+    """Accepts 'float32', 'bfloat16', jnp.float32, ... and returns the numpy dtype object."""
+    return jnp.dtype(name)
+
+
+zeros = nnx.initializers.zeros_init()
+ones = nnx.initializers.ones_init()
+
+
+def normal(stddev: float) -> Initializer:
+    return nnx.initializers.normal(stddev)
+
+
+def truncated_normal(stddev: float) -> Initializer:
+    return nnx.initializers.truncated_normal(stddev)
