@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -196,7 +197,7 @@ def read_state(
         info = reader.info(key)
         if info.shape != expected[key].torch_shape:
             bad_shape.append(f"{key} (file {info.file.name}: {list(info.shape)}, expected {list(expected[key].torch_shape)})")
-        if not np.issubdtype(info.dtype, np.floating):
+        if not jnp.issubdtype(info.dtype, jnp.floating):  # jnp knows bfloat16 and float8
             bad_dtype.append(f"{key} (file {info.file.name}: {info.dtype}, expected a floating dtype)")
     problems = [
         f"{len(items)} {what}: {_describe(items)}"

@@ -1,0 +1,57 @@
+"""Shared fixtures: MONAI oracles with non-trivial random weights, and checkpoint writing helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from m3d_jax.models.vit3d import ViT3DConfig
+
+# Full ViT-B widths on a small volume: every real shape except the token count.
+SMALL_VIT_B = ViT3DConfig(image_size=(16, 64, 64))
+TINY = ViT3DConfig(image_size=(16, 64, 64), hidden_size=64, mlp_dim=128, num_layers=3, num_heads=4)
+
+
+def make_monai_vit(config: ViT3DConfig, seed: int = 0) -> torch.nn.Module:
+    """MONAI's ViT with the config's sizes and every parameter randomised (norms and cls included)."""
+    from monai.networks.nets import ViT
+
+    torch.manual_seed(seed)
+    model = ViT(
+        in_channels=config.in_channels, img_size=config.image_size, patch_size=config.patch_size,
+        hidden_size=config.hidden_size, mlp_dim=config.mlp_dim, num_layers=config.num_layers,
+        num_heads=config.num_heads, proj_type="perceptron", classification=config.cls_token,
+        qkv_bias=config.qkv_bias,
+    ).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.copy_(torch.randn_like(parameter) * 0.1 + (1.0 if name.endswith("weight") else 0.0))
+            elif name.endswith("bias"):
+                parameter.copy_(torch.randn_like(parameter) * 0.02)
+        if config.cls_token:
+            model.cls_token.normal_()
+    return model
+
+
+@torch.no_grad()
+def monai_features(model: torch.nn.Module, images: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(final normed sequence, every block's output) — MONAI's forward with the classification head left out."""
+    x = model.patch_embedding(torch.from_numpy(images))
+    if hasattr(model, "cls_token"):
+        x = torch.cat([model.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+    hidden = []
+    for block in model.blocks:
+        x = block(x)
+        hidden.append(x.numpy().copy())
+    return model.norm(x).numpy(), hidden
+
+
+def prefixed_state_dict(model: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    return {prefix + key: value.detach().clone().contiguous() for key, value in model.state_dict().items()}
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)

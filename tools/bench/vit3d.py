@@ -1,0 +1,125 @@
+"""Full-size ViT3D forward: JAX (this project) vs MONAI's ViT in PyTorch, same weights, same process.
+
+Prints median times, the speed ratio, achieved GFLOP/s (analytic count: matmuls and attention) and that as a fraction of a measured fp32
+matmul peak of this machine (the larger of JAX's and torch's 4096³ matmul rate). On CPU, torch gets
+as many intra-op threads as XLA uses (all cores). On a GPU both run on the GPU.
+
+  python tools/bench/vit3d.py                      # fp32, batch 1 and 2, 32×256×256
+  python tools/bench/vit3d.py --dtype=bfloat16     # bf16 compute (torch under autocast)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import tempfile
+import time
+
+from absl import app, flags
+
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "2"], "Batch sizes to time.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per measurement (median reported).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+_IMAGE_SIZE = flags.DEFINE_list("image_size", ["32", "256", "256"], "Volume size D,H,W.")
+_PRECISION = flags.DEFINE_enum(
+    "matmul_precision", "highest", ["default", "highest"],
+    "JAX fp32 matmul precision; 'highest' matches torch's fp32 (no TF32) on GPU.",
+)
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up (compilation for JAX)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _matmul_peak(jax, jnp, torch, device: str) -> tuple[float, float]:
+    n = 4096
+    a = jnp.ones((n, n), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    jax_rate = 2 * n**3 / _median_time(lambda: matmul(a).block_until_ready(), 5) / 1e9
+    t = torch.ones(n, n, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    torch_rate = 2 * n**3 / _median_time(lambda: (t @ t, sync()), 5) / 1e9
+    return jax_rate, torch_rate
+
+
+def _analytic_flops(config, batch: int) -> float:
+    tokens, width, mlp = config.num_tokens, config.hidden_size, config.mlp_dim
+    patch_dim = config.in_channels * config.patch_size[0] * config.patch_size[1] * config.patch_size[2]
+    per_layer = 2 * tokens * width * (3 * width + width + 2 * mlp) + 4 * tokens * tokens * width
+    return batch * (2 * config.num_patches * patch_dim * width + config.num_layers * per_layer)
+
+
+def main(argv):
+    del argv
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    from flax import nnx
+    from monai.networks.nets import ViT
+    from safetensors.torch import save_file
+
+    from m3d_jax.convert.vit3d import load_vit3d
+    from m3d_jax.models.vit3d import ViT3DConfig
+
+    jax.config.update("jax_default_matmul_precision", _PRECISION.value)
+    on_gpu = jax.default_backend() == "gpu"
+    device = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(os.cpu_count())
+    config = ViT3DConfig(image_size=tuple(int(s) for s in _IMAGE_SIZE.value), dtype=_DTYPE.value)
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}); torch "
+          f"{torch.__version__} on {device}, {torch.get_num_threads()} threads; {os.cpu_count()} CPU cores")
+
+    torch.manual_seed(0)
+    reference = ViT(in_channels=1, img_size=config.image_size, patch_size=config.patch_size,
+                    proj_type="perceptron", classification=True).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, f"{tmp}/vit.safetensors")
+        model, _ = load_vit3d(f"{tmp}/vit.safetensors", config)
+    reference = reference.to(device)
+    graphdef, state = nnx.split(model)
+    encode = jax.jit(lambda state, images: nnx.merge(graphdef, state)(images).features)
+
+    @torch.inference_mode()
+    def torch_features(images):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=_DTYPE.value == "bfloat16"):
+            x = reference.patch_embedding(images)
+            x = torch.cat([reference.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+            for block in reference.blocks:
+                x = block(x)
+            out = reference.norm(x)[:, 1:]
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    jax_peak, torch_peak = _matmul_peak(jax, jnp, torch, device)
+    peak = max(jax_peak, torch_peak)
+    print(f"fp32 matmul 4096³: jax {jax_peak:.0f} GFLOP/s, torch {torch_peak:.0f} GFLOP/s -> peak {peak:.0f}")
+    print(f"{'batch':>5} {'jax s':>8} {'torch s':>8} {'speed-up':>8} {'GFLOP':>8} {'jax GFLOP/s':>11} "
+          f"{'of peak':>7} {'torch GFLOP/s':>13} {'max|Δ|/max|ref|':>15}")
+    for batch in (int(b) for b in _BATCH_SIZES.value):
+        images = np.random.default_rng(batch).random((batch, 1, *config.image_size), dtype=np.float32)
+        jax_images = jnp.asarray(images)
+        torch_images = torch.from_numpy(images).to(device)
+        jax_time = _median_time(lambda: encode(state, jax_images).block_until_ready(), _REPEATS.value)
+        torch_time = _median_time(lambda: torch_features(torch_images), _REPEATS.value)
+        ours = np.asarray(encode(state, jax_images), np.float32)
+        ref = torch_features(torch_images).float().cpu().numpy()
+        flops = _analytic_flops(config, batch)  # XLA's cost analysis does not count loop trip counts
+        error = np.max(np.abs(ours - ref)) / np.max(np.abs(ref))
+        print(f"{batch:>5} {jax_time:>8.3f} {torch_time:>8.3f} {torch_time / jax_time:>7.2f}x {flops / 1e9:>8.1f} "
+              f"{flops / jax_time / 1e9:>11.1f} {flops / jax_time / 1e9 / peak:>6.0%} "
+              f"{flops / torch_time / 1e9:>13.1f} {error:>15.2e}")
+    print(f"config {dataclasses.asdict(config)}")
+
+
+if __name__ == "__main__":
+    app.run(main)
