@@ -110,9 +110,11 @@ def test_scan_and_remat_equal_plain_loop(variant, rng):
     images = jnp.asarray(rng.random((2, 1, 16, 64, 64), dtype=np.float32))
     plain_out, plain_grads = _features_and_grads(TINY, images)
     out, grads = _features_and_grads(dataclasses.replace(TINY, **variant), images)
-    np.testing.assert_array_equal(out.features, plain_out.features)
+    # Bit-identical on CPU; GPU kernels may fuse the loop and the scan differently (seen: 8e-7 on an H200).
+    atol = 0.0 if jax.default_backend() == "cpu" else 1e-6
+    np.testing.assert_allclose(out.features, plain_out.features, rtol=0, atol=atol)
     for ours, ref in zip(out.hidden_states, plain_out.hidden_states):
-        np.testing.assert_array_equal(ours, ref)
+        np.testing.assert_allclose(ours, ref, rtol=0, atol=atol)
     for ours, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads)):
         np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-7)
 

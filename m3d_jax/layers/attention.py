@@ -20,6 +20,12 @@ _CPU_QUERY_CHUNK = 128
 _CPU_CHUNK_MIN_LENGTH = 1024
 
 
+def _auto_implementation(query: jax.Array) -> str:
+    head_dim = query.shape[-1]
+    fused_ok = query.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
+    return "cudnn" if fused_ok and jax.default_backend() == "gpu" else "xla"
+
+
 def attend(
     query: jax.Array,
     key: jax.Array,
@@ -33,14 +39,15 @@ def attend(
 ) -> jax.Array:
     """Scaled dot-product attention on [B, T, N, H] tensors (K/V may have fewer heads: grouped-query).
 
-    implementation: "auto" lets JAX choose (cuDNN where supported), "xla" or "cudnn" force one.
+    implementation: "auto" = cuDNN fused (flash) attention on GPU for bf16/fp16 with a head size it supports,
+      XLA otherwise (JAX's own default is always XLA); "xla" or "cudnn" force one.
     query_chunk: process queries in blocks of this many (0 = never; -1 = auto: blocks of 128 for long
       sequences on CPU, none elsewhere). Each block is still one `jax.nn.dot_product_attention` call.
     mask: boolean, broadcastable to [B, N, T_q, T_k].
     """
     if implementation not in ("auto", "xla", "cudnn"):
         raise ValueError(f"attention implementation must be auto, xla or cudnn, got {implementation!r}")
-    impl = None if implementation == "auto" else implementation
+    impl = _auto_implementation(query) if implementation == "auto" else implementation
     length = query.shape[1]
     if query_chunk < 0:
         on_cpu = jax.default_backend() == "cpu"

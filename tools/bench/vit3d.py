@@ -100,6 +100,9 @@ def main(argv):
             torch.cuda.synchronize()
         return out
 
+    probe = jnp.zeros((1, 1, *config.image_size), jnp.float32)
+    compiled_text = encode.lower(state, probe).compile().as_text()
+    print("attention kernel:", "cuDNN fused attention" if "__cudnn$fmha" in compiled_text else "XLA")
     jax_peak, torch_peak = _matmul_peak(jax, jnp, torch, device)
     peak = max(jax_peak, torch_peak)
     print(f"fp32 matmul 4096³: jax {jax_peak:.0f} GFLOP/s, torch {torch_peak:.0f} GFLOP/s -> peak {peak:.0f}")
