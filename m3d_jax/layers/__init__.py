@@ -6,9 +6,9 @@ from m3d_jax.layers.mlp import Mlp, activation
 from m3d_jax.layers.norms import LayerNorm
 from m3d_jax.layers.params import logical_axes, param
 from m3d_jax.layers.patch_embed import PerceptronPatchEmbed3D
-from m3d_jax.layers.stack import RematPolicy, run_stack, stacked
+from m3d_jax.layers.stack import RematPolicy, StackOutput, run_stack, stacked
 
 __all__ = [
-    "Dense", "FusedSelfAttention", "LayerNorm", "Mlp", "PerceptronPatchEmbed3D", "RematPolicy",
+    "Dense", "FusedSelfAttention", "LayerNorm", "Mlp", "PerceptronPatchEmbed3D", "RematPolicy", "StackOutput",
     "activation", "attend", "logical_axes", "param", "run_stack", "stacked",
 ]

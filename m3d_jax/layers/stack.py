@@ -8,9 +8,10 @@ the choice; the tests pin that they give identical numbers.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
@@ -33,6 +34,12 @@ def stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs:
     return make(rngs)
 
 
+class StackOutput(NamedTuple):
+    output: jax.Array
+    hidden_states: list[jax.Array] | None  # every layer's output, with `collect`
+    per_layer: Any  # what each layer returned beside x, stacked on a leading axis (e.g. updated KV caches)
+
+
 def run_stack(
     layers: nnx.Module,
     x: jax.Array,
@@ -41,17 +48,23 @@ def run_stack(
     scan: bool = False,
     remat: RematPolicy = "none",
     collect: bool = False,
-) -> tuple[jax.Array, list[jax.Array] | None]:
+    per_layer: Any = None,
+    **shared: Any,
+) -> StackOutput:
     """Applies the first `num_layers` stacked layers to x in order.
 
-    Returns the final output and, with `collect`, the output of every layer run (a list of arrays).
+    Each layer is called as `layer(x, **shared) -> x`, or, when `per_layer` (a pytree whose leaves have a
+    leading layer axis, e.g. a KV cache) is given, as `layer(x, layer_slice, **shared) -> (x, layer_result)`;
+    the layer results come back stacked in `StackOutput.per_layer`.
     """
     graphdef, state = nnx.split(layers)
     if num_layers < jax.tree.leaves(state)[0].shape[0]:
         state = jax.tree.map(lambda leaf: leaf[:num_layers], state)
+    with_extra = per_layer is not None
 
-    def apply_layer(carry: jax.Array, layer_state: Any) -> jax.Array:
-        return nnx.merge(graphdef, layer_state)(carry)
+    def apply_layer(carry: jax.Array, layer_state: Any, layer_in: Any) -> tuple[jax.Array, Any]:
+        layer = nnx.merge(graphdef, layer_state)
+        return layer(carry, layer_in, **shared) if with_extra else (layer(carry, **shared), None)
 
     if remat != "none":
         if remat not in _POLICIES:
@@ -59,15 +72,19 @@ def run_stack(
         apply_layer = jax.checkpoint(apply_layer, policy=_POLICIES[remat], prevent_cse=not scan)
 
     if scan:
-        def body(carry, layer_state):
-            out = apply_layer(carry, layer_state)
-            return out, (out if collect else None)
+        def body(carry, layer_args):
+            out, extra = apply_layer(carry, *layer_args)
+            return out, (out if collect else None, extra)
 
-        x, outputs = jax.lax.scan(body, x, state)
-        return x, (list(outputs) if collect else None)
+        x, (outputs, extras) = jax.lax.scan(body, x, (state, per_layer))
+        return StackOutput(x, list(outputs) if collect else None, extras)
 
-    outputs = []
+    outputs, extras = [], []
     for index in range(num_layers):
-        x = apply_layer(x, jax.tree.map(lambda leaf: leaf[index], state))
+        take = lambda leaf: leaf[index]  # noqa: E731
+        layer_in = jax.tree.map(take, per_layer) if with_extra else None
+        x, extra = apply_layer(x, jax.tree.map(take, state), layer_in)
         outputs.append(x)
-    return x, (outputs if collect else None)
+        extras.append(extra)
+    stacked_extras = jax.tree.map(lambda *leaves: jnp.stack(leaves), *extras) if with_extra else None
+    return StackOutput(x, outputs if collect else None, stacked_extras)

@@ -133,7 +133,7 @@ class ViT3D(nnx.Module):
             x = jnp.concatenate([cls, x], axis=1)  # the cls token carries no position embedding
         selected_block = config.select_layer % config.num_layers
         num_run = config.num_layers if output_hidden_states else selected_block + 1
-        last, hidden_states = run_stack(
+        last, hidden_states, _ = run_stack(
             self.blocks, x, num_layers=num_run, scan=config.scan_layers, remat=config.remat,
             collect=output_hidden_states,
         )
