@@ -2,26 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from m3d_jax.models.decoder import DecoderConfig
+from m3d_jax.models.decoder_presets import PRESETS
 from m3d_jax.models.vit3d import ViT3DConfig
 
 CONFIGS = sorted(pathlib.Path(__file__).parent.parent.joinpath("configs").glob("*.py"))
+VIT_CONFIGS = [path for path in CONFIGS if path.name != "decoder.py"]
+DECODER_CONFIG = CONFIGS[0].with_name("decoder.py")
 
 
 def _load(path, *overrides):
-    argv = ["prog", f"--config={path}", *overrides]
+    argv = ["prog", f"--config={path}", *overrides]  # path may carry ":arg" for get_config(arg)
     flag_values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", str(path), flag_values=flag_values, sys_argv=argv)
     flag_values(argv)
     return flag_values.config
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", VIT_CONFIGS, ids=lambda p: p.name)
 def test_config_builds_model_config(path):
     config = _load(path)
     model = ViT3DConfig.from_dict(config.model)
@@ -48,3 +53,10 @@ def test_unknown_and_inconsistent_fields_are_rejected():
         ViT3DConfig.from_dict({"num_layer": 3})
     with pytest.raises(ValueError, match="not divisible by patch_size"):
         ViT3DConfig(image_size=(30, 256, 256))
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_decoder_config_file_builds_every_preset(preset):
+    config = _load(f"{DECODER_CONFIG}:{preset}", "--config.model.dtype=bfloat16")
+    model = DecoderConfig.from_dict(config.model)
+    assert model == dataclasses.replace(PRESETS[preset](), dtype="bfloat16")

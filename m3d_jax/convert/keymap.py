@@ -87,6 +87,22 @@ class Linear(Transform):
 LINEAR = Linear()
 
 
+class FusedLinear(Transform):
+    """One torch Linear weight whose output rows stack several JAX kernels [in, *out_i] in order, e.g.
+    Phi-3's qkv_proj (rows q, k, v) or gate_up_proj (rows gate, up)."""
+
+    def torch_shape(self, jax_shapes: Sequence[Shape]) -> Shape:
+        fan_in = jax_shapes[0][0]
+        return (sum(math.prod(shape[1:]) for shape in jax_shapes), fan_in)
+
+    def to_jax(self, tensor: np.ndarray, jax_shapes: Sequence[Shape]) -> list[np.ndarray]:
+        bounds = np.cumsum([math.prod(shape[1:]) for shape in jax_shapes])[:-1]
+        return [rows.T.reshape(shape) for rows, shape in zip(np.split(tensor, bounds, axis=0), jax_shapes)]
+
+    def to_torch(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        return np.concatenate([kernel.reshape(kernel.shape[0], -1).T for kernel in arrays], axis=0)
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     torch: str  # e.g. "blocks.{layer}.attn.qkv.weight"

@@ -3,7 +3,7 @@ so XLA picks cuDNN flash attention on GPU for bf16/fp16 inputs."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +11,7 @@ from flax import nnx
 
 from m3d_jax.layers.linear import Dense
 from m3d_jax.layers.params import DType
+from m3d_jax.layers.rope import apply_rope
 
 AttentionImpl = Literal["auto", "xla", "cudnn"]
 
@@ -114,3 +115,90 @@ class FusedSelfAttention(nnx.Module):
             query_chunk=self.query_chunk,
         )
         return self.out_proj(context)
+
+
+class KVCache(NamedTuple):
+    """Preallocated keys/values of every layer plus which slots hold real tokens.
+
+    key, value: [L, B, S, kv_heads, head_dim]; valid: [B, S] bool; index: int32 scalar, the next slot to
+    write (all rows write the same slot: prompts are left-padded to a common length).
+    """
+
+    key: jax.Array
+    value: jax.Array
+    valid: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def zeros(cls, num_layers: int, batch: int, slots: int, kv_heads: int, head_dim: int, dtype) -> KVCache:
+        shape = (num_layers, batch, slots, kv_heads, head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, slots), bool),
+                   jnp.zeros((), jnp.int32))
+
+
+def causal_mask(
+    query_slots: jax.Array, key_slots: jax.Array, key_valid: jax.Array, sliding_window: int = 0
+) -> jax.Array:
+    """[B, 1, T, S] boolean mask: key slot s is visible from query slot t when it holds a real token,
+    s ≤ t, and (with a sliding window W > 0) t − s < W. Slots count from the start of the padded sequence,
+    as transformers' cache positions do."""
+    visible = key_slots[None, :] <= query_slots[:, None]
+    if sliding_window > 0:
+        visible &= key_slots[None, :] > query_slots[:, None] - sliding_window
+    return (visible[None] & key_valid[:, None, :])[:, None]
+
+
+class CausalSelfAttention(nnx.Module):
+    """Decoder self-attention with grouped-query heads, rotate-half RoPE and an optional KV cache."""
+
+    def __init__(
+        self,
+        features: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        use_bias: bool = False,
+        dtype: DType = jnp.float32,
+        param_dtype: DType = jnp.float32,
+        precision: jax.lax.PrecisionLike = None,
+        implementation: AttentionImpl = "auto",
+        rngs: nnx.Rngs,
+    ):
+        if num_heads % num_kv_heads:
+            raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} key/value heads")
+        self.head_dim = head_dim
+        self.implementation = implementation
+        common = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+        self.q_proj = Dense(features, (num_heads, head_dim), axes=("embed", "q_heads", "head_dim"), **common)
+        self.k_proj = Dense(features, (num_kv_heads, head_dim), axes=("embed", "kv_heads", "head_dim"), **common)
+        self.v_proj = Dense(features, (num_kv_heads, head_dim), axes=("embed", "kv_heads", "head_dim"), **common)
+        self.o_proj = Dense((num_heads, head_dim), features, axes=("q_heads", "head_dim", "embed"), **common)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array,
+        cache: tuple[jax.Array, jax.Array] | None = None,
+        cache_index: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """x [B, T, D]; mask [B, 1, T, S] over the keys (S = T without cache, cache slots with one).
+        With `cache` = (key, value) [B, S, K, H], the new keys/values are written at `cache_index`."""
+        query = apply_rope(self.q_proj(x), cos, sin)
+        key = apply_rope(self.k_proj(x), cos, sin)
+        value = self.v_proj(x)
+        if cache is not None:
+            cached_key, cached_value = cache
+            key = jax.lax.dynamic_update_slice_in_dim(cached_key, key.astype(cached_key.dtype), cache_index, axis=1)
+            value = jax.lax.dynamic_update_slice_in_dim(
+                cached_value, value.astype(cached_value.dtype), cache_index, axis=1
+            )
+            cache = (key, value)
+        context = attend(
+            query, key.astype(query.dtype), value.astype(query.dtype), mask=mask, scale=self.head_dim**-0.5,
+            implementation=self.implementation, query_chunk=0,
+        )
+        return self.o_proj(context), cache

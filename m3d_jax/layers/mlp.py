@@ -48,3 +48,28 @@ class Mlp(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.linear2(self.act(self.linear1(x)))
+
+
+class GatedMlp(nnx.Module):
+    """down(act(gate(x)) · up(x)) — the SiLU-gated MLP of Llama and Phi-3."""
+
+    def __init__(
+        self,
+        features: int,
+        hidden_features: int,
+        *,
+        act: str = "silu",
+        use_bias: bool = False,
+        dtype: DType = jnp.float32,
+        param_dtype: DType = jnp.float32,
+        precision: jax.lax.PrecisionLike = None,
+        rngs: nnx.Rngs,
+    ):
+        common = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+        self.act = activation(act)
+        self.gate_proj = Dense(features, hidden_features, axes=("embed", "mlp"), **common)
+        self.up_proj = Dense(features, hidden_features, axes=("embed", "mlp"), **common)
+        self.down_proj = Dense(hidden_features, features, axes=("mlp", "embed"), **common)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

@@ -38,3 +38,27 @@ class LayerNorm(nnx.Module):
         normed = (x - mean) * jax.lax.rsqrt(var + self.eps)
         normed = normed * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return normed.astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """x / sqrt(mean(x²) + eps) · scale, computed in float32 (HF Llama/Phi-3 semantics: the normalised
+    value is cast back to the input dtype before the scale multiplies it)."""
+
+    def __init__(
+        self,
+        features: int,
+        *,
+        eps: float,
+        axes: Sequence[str | None] = ("embed",),
+        dtype: DType = jnp.float32,
+        param_dtype: DType = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.eps = eps
+        self.dtype = dtype
+        self.scale = param(rngs, ones, (features,), param_dtype, axes)
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        x = inputs.astype(jnp.float32)
+        normed = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(self.dtype) * normed.astype(self.dtype)

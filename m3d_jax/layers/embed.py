@@ -1,0 +1,28 @@
+"""Token embedding table, usable as the (tied) output projection too."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from m3d_jax.layers.params import DType, normal, param
+
+
+class Embed(nnx.Module):
+    """[vocab, embed] table with logical axes ("vocab", "embed")."""
+
+    def __init__(
+        self, num_embeddings: int, features: int, *, dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.num_embeddings = num_embeddings
+        self.dtype = dtype
+        self.embedding = param(rngs, normal(0.02), (num_embeddings, features), param_dtype, ("vocab", "embed"))
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """x · tableᵀ: logits over the vocabulary for tied input/output embeddings."""
+        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype))
