@@ -96,6 +96,7 @@ def generate(
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _generate(graphdef, config: SamplingConfig, from_embeds: bool, state, prompt, mask) -> GenerateOutput:
     model = nnx.merge(graphdef, state)
+    model.unstack_layers()  # slice the stacked parameters once, not at every decode step
     batch, length = mask.shape
     max_new = config.max_new_tokens
     slots = length + max_new

@@ -120,8 +120,9 @@ class FusedSelfAttention(nnx.Module):
 class KVCache(NamedTuple):
     """Preallocated keys/values of every layer plus which slots hold real tokens.
 
-    key, value: [L, B, S, kv_heads, head_dim]; valid: [B, S] bool; index: int32 scalar, the next slot to
-    write (all rows write the same slot: prompts are left-padded to a common length).
+    key, value: [L, B, S, kv_heads, head_dim], or a tuple of L arrays [B, S, kv_heads, head_dim] (for
+    decoding with unstacked layers: each layer updates its own buffer in place); valid: [B, S] bool;
+    index: int32 scalar, the next slot to write (all rows write the same slot: prompts are left-padded).
     """
 
     key: jax.Array
@@ -130,10 +131,16 @@ class KVCache(NamedTuple):
     index: jax.Array
 
     @classmethod
-    def zeros(cls, num_layers: int, batch: int, slots: int, kv_heads: int, head_dim: int, dtype) -> KVCache:
+    def zeros(
+        cls, num_layers: int, batch: int, slots: int, kv_heads: int, head_dim: int, dtype, *, per_layer: bool = False
+    ) -> KVCache:
+        valid, index = jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32)
+        if per_layer:
+            shape = (batch, slots, kv_heads, head_dim)
+            buffers = tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
+            return cls(buffers, tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)), valid, index)
         shape = (num_layers, batch, slots, kv_heads, head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, slots), bool),
-                   jnp.zeros((), jnp.int32))
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), valid, index)
 
 
 def causal_mask(

@@ -34,6 +34,17 @@ def stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs:
     return make(rngs)
 
 
+def unstack(layers: nnx.Module, num_layers: int) -> nnx.List:
+    """The stacked layers as a list of separate modules (one slice of each parameter per layer).
+
+    Inside a jitted decode loop, slicing the stacked parameters again at every step copies them (XLA
+    does not fuse the slices into the matmuls); slicing once before the loop avoids that: 2-3x faster
+    decoding on CPU.
+    """
+    graphdef, state = nnx.split(layers)
+    return nnx.List([nnx.merge(graphdef, jax.tree.map(lambda leaf: leaf[i], state)) for i in range(num_layers)])
+
+
 class StackOutput(NamedTuple):
     output: jax.Array
     hidden_states: list[jax.Array] | None  # every layer's output, with `collect`
@@ -55,12 +66,20 @@ def run_stack(
 
     Each layer is called as `layer(x, **shared) -> x`, or, when `per_layer` (a pytree whose leaves have a
     leading layer axis, e.g. a KV cache) is given, as `layer(x, layer_slice, **shared) -> (x, layer_result)`;
-    the layer results come back stacked in `StackOutput.per_layer`.
+    the layer results come back stacked in `StackOutput.per_layer`. `layers` may also be the list from
+    `unstack` (then run as a loop whatever `scan` says), and `per_layer` a Python list with one entry per
+    layer (then the results come back as a list: no slicing or re-stacking copies).
     """
-    graphdef, state = nnx.split(layers)
-    if num_layers < jax.tree.leaves(state)[0].shape[0]:
-        state = jax.tree.map(lambda leaf: leaf[:num_layers], state)
     with_extra = per_layer is not None
+    if isinstance(layers, nnx.List):
+        layer_list = list(layers)[:num_layers]
+        graphdef, state = nnx.split(layer_list[0])
+        state = [nnx.state(layer) for layer in layer_list]
+        scan = False
+    else:
+        graphdef, state = nnx.split(layers)
+        if num_layers < jax.tree.leaves(state)[0].shape[0]:
+            state = jax.tree.map(lambda leaf: leaf[:num_layers], state)
 
     def apply_layer(carry: jax.Array, layer_state: Any, layer_in: Any) -> tuple[jax.Array, Any]:
         layer = nnx.merge(graphdef, layer_state)
@@ -72,6 +91,9 @@ def run_stack(
         apply_layer = jax.checkpoint(apply_layer, policy=_POLICIES[remat], prevent_cse=not scan)
 
     if scan:
+        if isinstance(per_layer, list):
+            raise ValueError("scan needs per_layer inputs stacked on a leading axis, not a list")
+
         def body(carry, layer_args):
             out, extra = apply_layer(carry, *layer_args)
             return out, (out if collect else None, extra)
@@ -82,9 +104,15 @@ def run_stack(
     outputs, extras = [], []
     for index in range(num_layers):
         take = lambda leaf: leaf[index]  # noqa: E731
-        layer_in = jax.tree.map(take, per_layer) if with_extra else None
-        x, extra = apply_layer(x, jax.tree.map(take, state), layer_in)
+        if isinstance(per_layer, list):
+            layer_in = per_layer[index]
+        else:
+            layer_in = jax.tree.map(take, per_layer) if with_extra else None
+        layer_state = state[index] if isinstance(state, list) else jax.tree.map(take, state)
+        x, extra = apply_layer(x, layer_state, layer_in)
         outputs.append(x)
         extras.append(extra)
+    if isinstance(per_layer, list):
+        return StackOutput(x, outputs if collect else None, extras)
     stacked_extras = jax.tree.map(lambda *leaves: jnp.stack(leaves), *extras) if with_extra else None
     return StackOutput(x, outputs if collect else None, stacked_extras)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from m3d_jax.layers import Dense, RematPolicy, run_stack, stacked
+from m3d_jax.layers.stack import unstack
 from m3d_jax.layers.attention import AttentionImpl, CausalSelfAttention, KVCache, causal_mask
 from m3d_jax.layers.embed import Embed
 from m3d_jax.layers.mlp import GatedMlp
@@ -222,10 +223,17 @@ class Decoder(nnx.Module):
             config.hidden_size, config.vocab_size, axes=("embed", "vocab"), use_bias=False, rngs=rngs, **dtypes
         )
 
+    def unstack_layers(self) -> None:
+        """Switches to per-layer parameter arrays for decoding (see `layers.stack.unstack`). Use on a
+        model merged inside the jitted decode function, before its loop."""
+        self.layers = unstack(self.layers, self.config.num_layers)
+
     def init_cache(self, batch: int, slots: int) -> KVCache:
-        """An empty KV cache with `slots` positions per row, in the compute dtype."""
+        """An empty KV cache with `slots` positions per row, in the compute dtype (one buffer per layer
+        after `unstack_layers`)."""
         c = self.config
-        return KVCache.zeros(c.num_layers, batch, slots, c.num_kv_heads, c.head_dim, canonical_dtype(c.dtype))
+        return KVCache.zeros(c.num_layers, batch, slots, c.num_kv_heads, c.head_dim, canonical_dtype(c.dtype),
+                             per_layer=isinstance(self.layers, nnx.List))
 
     def __call__(
         self,
@@ -260,7 +268,7 @@ class Decoder(nnx.Module):
             valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, token_valid, cache_index, axis=1)
             query_slots = cache_index + jnp.arange(length)
             mask = causal_mask(query_slots, jnp.arange(cache.valid.shape[1]), valid, self.config.sliding_window)
-            per_layer = (cache.key, cache.value)
+            per_layer = list(zip(cache.key, cache.value)) if isinstance(cache.key, tuple) else (cache.key, cache.value)
         cos, sin = rope_tables(self.config.rope, position_ids)
 
         x, hidden, new_kv = run_stack(
@@ -268,7 +276,9 @@ class Decoder(nnx.Module):
             remat=self.config.remat, collect=output_hidden_states, per_layer=per_layer,
             cos=cos, sin=sin, mask=mask, cache_index=cache_index,
         )
-        if cache is not None:
+        if isinstance(new_kv, list):
+            cache = KVCache(tuple(k for k, _ in new_kv), tuple(v for _, v in new_kv), valid, cache_index + length)
+        elif cache is not None:
             cache = KVCache(new_kv[0], new_kv[1], valid, cache_index + length)
         x = self.norm(x)
         hidden_states = None
