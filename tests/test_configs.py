@@ -49,7 +49,7 @@ def test_overrides_reach_the_model_config():
 
 
 def test_unknown_and_inconsistent_fields_are_rejected():
-    with pytest.raises(ValueError, match=r"unknown ViT3D config keys \['num_layer'\]"):
+    with pytest.raises(ValueError, match=r"unknown ViT3DConfig keys \['num_layer'\]"):
         ViT3DConfig.from_dict({"num_layer": 3})
     with pytest.raises(ValueError, match="not divisible by patch_size"):
         ViT3DConfig(image_size=(30, 256, 256))

@@ -29,3 +29,42 @@ def test_encode_volume_tiny_with_converted_weights(tmp_path):
                "--repeats=1")
     assert "features (1, 64, 64) float32" in out
     assert re.search(r"weights .*: 28 tensors, 6 ignored", out), out
+
+
+def _word_tokenizer(folder, vocab_size):
+    """A WordLevel tokenizer over words w3..wN, built offline and saved as a transformers tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>", pad_token="<unk>")
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def test_generate_tool_matches_transformers_greedy(tmp_path):
+    import torch
+
+    from test_decoder import VOCAB, _hf_model
+
+    hf = _hf_model("llama_gqa")
+    hf.save_pretrained(tmp_path)
+    tokenizer = _word_tokenizer(tmp_path, VOCAB)
+    prompts = ["w5 w17 w200 w9", "w44 w3"]
+    out = _run("tools/generate.py", f"--ckpt={tmp_path}", *(f"--prompt={p}" for p in prompts), "--max_new_tokens=12")
+    for prompt in prompts:
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        with torch.no_grad():
+            ref = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=2, pad_token_id=0)
+        expected = tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+        assert f"--- {prompt}\n{expected}\n" in out, (expected, out)
+
+
+def test_benchmarks_run_at_small_sizes():
+    vit = _run("tools/bench/vit3d.py", "--image_size=16,64,64", "--batch_sizes=1", "--repeats=1")
+    assert re.search(r"^\s+1\s+[\d.]+\s+[\d.]+\s+[\d.]+x", vit, re.M), vit
+    decode = _run("tools/bench/decode.py", "--layers=1", "--prompt_len=16", "--new_tokens=4", "--repeats=1")
+    assert "greedy tokens identical to transformers: 100.0%" in decode, decode

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from m3d_jax.config import dataclass_from_mapping
 from m3d_jax.layers import Dense, RematPolicy, run_stack, stacked
 from m3d_jax.layers.stack import unstack
 from m3d_jax.layers.attention import AttentionImpl, CausalSelfAttention, KVCache, causal_mask
@@ -86,12 +87,7 @@ class DecoderConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> DecoderConfig:
         """From a mapping of this class's fields (e.g. a ConfigDict), naming unknown keys."""
-        values = dict(values)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown decoder config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**values)
+        return dataclass_from_mapping(cls, values)
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], **overrides: Any) -> DecoderConfig:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from m3d_jax.config import dataclass_from_mapping
 from m3d_jax.layers import FusedSelfAttention, LayerNorm, Mlp, PerceptronPatchEmbed3D, RematPolicy, run_stack, stacked
 from m3d_jax.layers.attention import AttentionImpl
 from m3d_jax.layers.params import canonical_dtype, param, zeros
@@ -78,13 +79,8 @@ class ViT3DConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ViT3DConfig:
-        """Builds the config from a mapping (e.g. an ml_collections ConfigDict), naming unknown keys."""
-        values = dict(values)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown ViT3D config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**values)
+        """From a mapping of this class's fields (e.g. a ConfigDict), naming unknown keys."""
+        return dataclass_from_mapping(cls, values)
 
 
 class ViT3DOutput(NamedTuple):

@@ -10,26 +10,17 @@ prompt and 64 new tokens at batch 1, fp32.
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
 import time
 
 from absl import app, flags
+from timing import median_seconds  # tools/bench/timing.py (the script's folder is on sys.path)
 
 _PROMPT = flags.DEFINE_integer("prompt_len", 300, "Prompt tokens.")
 _NEW = flags.DEFINE_integer("new_tokens", 64, "Generated tokens.")
 _BATCH = flags.DEFINE_integer("batch", 1, "Prompts per batch.")
 _LAYERS = flags.DEFINE_integer("layers", 8, "Decoder layers.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs (median reported).")
-
-
-def _median(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv):
@@ -66,7 +57,7 @@ def main(argv):
     start = time.perf_counter()
     jax_tokens = np.asarray(generate(model, ids, config=sampling).tokens)
     compile_time = time.perf_counter() - start
-    jax_total = _median(lambda: generate(model, ids, config=sampling).tokens.block_until_ready(), _REPEATS.value)
+    jax_total = median_seconds(lambda: generate(model, ids, config=sampling).tokens.block_until_ready(), _REPEATS.value)
 
     graphdef, state = nnx.split(model)
 
@@ -79,14 +70,14 @@ def main(argv):
 
     jax_ids = jnp.asarray(ids)
     prefill(state, jax_ids).block_until_ready()
-    jax_prefill = _median(lambda: prefill(state, jax_ids).block_until_ready(), _REPEATS.value)
+    jax_prefill = median_seconds(lambda: prefill(state, jax_ids).block_until_ready(), _REPEATS.value)
 
     torch_ids = torch.from_numpy(ids).long()
     kwargs = dict(max_new_tokens=_NEW.value, min_new_tokens=_NEW.value, do_sample=False, pad_token_id=32000)
     with torch.inference_mode():
         torch_tokens = reference.generate(torch_ids, **kwargs)[:, _PROMPT.value:].numpy()
-        torch_total = _median(lambda: reference.generate(torch_ids, **kwargs), _REPEATS.value)
-        torch_prefill = _median(lambda: reference(torch_ids, use_cache=True), _REPEATS.value)
+        torch_total = median_seconds(lambda: reference.generate(torch_ids, **kwargs), _REPEATS.value)
+        torch_prefill = median_seconds(lambda: reference(torch_ids, use_cache=True), _REPEATS.value)
 
     new = _BATCH.value * _NEW.value
     rows = [("jax", jax_total, jax_prefill), ("torch", torch_total, torch_prefill)]

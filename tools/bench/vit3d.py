@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import statistics
 import tempfile
-import time
 
 from absl import app, flags
+from timing import median_seconds  # tools/bench/timing.py (the script's folder is on sys.path)
 
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "2"], "Batch sizes to time.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per measurement (median reported).")
@@ -28,24 +27,14 @@ _PRECISION = flags.DEFINE_enum(
 )
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up (compilation for JAX)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _matmul_peak(jax, jnp, torch, device: str) -> tuple[float, float]:
     n = 4096
     a = jnp.ones((n, n), jnp.float32)
     matmul = jax.jit(lambda x: x @ x)
-    jax_rate = 2 * n**3 / _median_time(lambda: matmul(a).block_until_ready(), 5) / 1e9
+    jax_rate = 2 * n**3 / median_seconds(lambda: matmul(a).block_until_ready(), 5) / 1e9
     t = torch.ones(n, n, device=device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    torch_rate = 2 * n**3 / _median_time(lambda: (t @ t, sync()), 5) / 1e9
+    torch_rate = 2 * n**3 / median_seconds(lambda: (t @ t, sync()), 5) / 1e9
     return jax_rate, torch_rate
 
 
@@ -112,8 +101,8 @@ def main(argv):
         images = np.random.default_rng(batch).random((batch, 1, *config.image_size), dtype=np.float32)
         jax_images = jnp.asarray(images)
         torch_images = torch.from_numpy(images).to(device)
-        jax_time = _median_time(lambda: encode(state, jax_images).block_until_ready(), _REPEATS.value)
-        torch_time = _median_time(lambda: torch_features(torch_images), _REPEATS.value)
+        jax_time = median_seconds(lambda: encode(state, jax_images).block_until_ready(), _REPEATS.value)
+        torch_time = median_seconds(lambda: torch_features(torch_images), _REPEATS.value)
         ours = np.asarray(encode(state, jax_images), np.float32)
         ref = torch_features(torch_images).float().cpu().numpy()
         flops = _analytic_flops(config, batch)  # XLA's cost analysis does not count loop trip counts
