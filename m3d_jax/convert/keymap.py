@@ -144,6 +144,22 @@ class KeyMap:
     def ignoring(self, *patterns: tuple[str, str]) -> KeyMap:
         return dataclasses.replace(self, ignored=self.ignored + tuple(patterns))
 
+    def nested(self, torch_prefix: str, jax_prefix: str) -> KeyMap:
+        """The same map for a sub-module: torch keys under `torch_prefix`, JAX paths under `jax_prefix`
+        (e.g. the ViT3D map as SegVol's `image_encoder.`). The own prefix is folded into the rules."""
+        rules = tuple(
+            dataclasses.replace(rule, torch=torch_prefix + self.prefix + rule.torch,
+                                jax=tuple(jax_prefix + path for path in rule.jax_paths))
+            for rule in self.rules
+        )
+        ignored = tuple((torch_prefix + self.prefix + pattern, reason) for pattern, reason in self.ignored)
+        return KeyMap(self.name, rules, "", ignored)
+
+    @classmethod
+    def combine(cls, name: str, *parts: KeyMap, prefix: str = "") -> KeyMap:
+        """One map from several (already nested) parts."""
+        return cls(name, tuple(r for p in parts for r in p.rules), prefix, tuple(i for p in parts for i in p.ignored))
+
     def expand(self, shapes: Mapping[str, Shape]) -> list[Entry]:
         """Concrete entries for a model whose parameters have these (dotted path → shape)."""
         entries, claimed = [], set()
@@ -248,6 +264,12 @@ def _replace_values(abstract_state: nnx.State, arrays: Mapping[str, np.ndarray])
 
 def _flat_values(state: nnx.State) -> dict[str, nnx.Variable]:
     return {".".join(map(str, path)): var for path, var in nnx.to_flat_state(state)}
+
+
+def torch_shapes(keymap: KeyMap, state: nnx.State) -> dict[str, Shape]:
+    """torch key → shape of every tensor the key map writes for this (abstract or real) state."""
+    values = _flat_values(state)
+    return {e.torch_key: e.torch_shape for e in keymap.expand({p: tuple(v.shape) for p, v in values.items()})}
 
 
 def _to_torch(entry: Entry, values: Mapping[str, nnx.Variable], dtype: Any) -> np.ndarray:

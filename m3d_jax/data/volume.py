@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from m3d_jax.layers import resize
+
 
 class VolumeError(ValueError):
     """A volume file is missing, unreadable or has the wrong shape or values."""
@@ -86,21 +88,8 @@ def crop_foreground(array: np.ndarray) -> np.ndarray:
 
 
 def resize_trilinear(array: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Trilinear resize of [C, D, H, W] to [C, *size] with half-pixel centres (torch `interpolate`,
-    mode="trilinear", align_corners=False, no antialiasing), done as three separable 1D passes."""
-    out = array.astype(np.float32)
-    for axis, new in zip((1, 2, 3), size):
-        old = out.shape[axis]
-        if old == new:
-            continue
-        src = np.maximum((np.arange(new, dtype=np.float64) + 0.5) * (old / new) - 0.5, 0.0)
-        low = np.minimum(np.floor(src).astype(np.int64), old - 1)
-        high = np.minimum(low + 1, old - 1)
-        weight_shape = [1, 1, 1, 1]
-        weight_shape[axis] = new
-        weight = (src - low).astype(np.float32).reshape(weight_shape)
-        out = np.take(out, low, axis=axis) * (1 - weight) + np.take(out, high, axis=axis) * weight
-    return out
+    """Trilinear resize of [C, D, H, W] to [C, *size] (torch trilinear, align_corners=False)."""
+    return resize.resize_trilinear(array.astype(np.float32), size)
 
 
 def preprocess(array: np.ndarray, size: Sequence[int]) -> np.ndarray:

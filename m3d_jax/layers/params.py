@@ -54,3 +54,7 @@ def normal(stddev: float) -> Initializer:
 
 def truncated_normal(stddev: float) -> Initializer:
     return nnx.initializers.truncated_normal(stddev)
+
+
+class Buffer(nnx.Variable):
+    """A fixed array that is part of a checkpoint but never trained (e.g. SegVol's random-Fourier matrix)."""
