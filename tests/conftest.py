@@ -55,3 +55,18 @@ def prefixed_state_dict(model: torch.nn.Module, prefix: str = "") -> dict[str, t
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+def word_tokenizer(folder, vocab_size: int):
+    """A WordLevel tokenizer over words w3..w{vocab_size-1} (<unk>=0, <s>=1, </s>=2), built offline and
+    saved to `folder` as a transformers tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>", pad_token="<unk>")
+    tokenizer.save_pretrained(folder)
+    return tokenizer

@@ -10,7 +10,7 @@ import sys
 from flax import nnx
 from safetensors.torch import save_file
 
-from conftest import TINY, make_monai_vit, prefixed_state_dict
+from conftest import TINY, make_monai_vit, prefixed_state_dict, word_tokenizer
 
 ROOT = pathlib.Path(__file__).parent.parent
 
@@ -31,20 +31,6 @@ def test_encode_volume_tiny_with_converted_weights(tmp_path):
     assert re.search(r"weights .*: 28 tensors, 6 ignored", out), out
 
 
-def _word_tokenizer(folder, vocab_size):
-    """A WordLevel tokenizer over words w3..wN, built offline and saved as a transformers tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
-                                        eos_token="</s>", pad_token="<unk>")
-    tokenizer.save_pretrained(folder)
-    return tokenizer
-
-
 def test_generate_tool_matches_transformers_greedy(tmp_path):
     import torch
 
@@ -52,7 +38,7 @@ def test_generate_tool_matches_transformers_greedy(tmp_path):
 
     hf = _hf_model("llama_gqa")
     hf.save_pretrained(tmp_path)
-    tokenizer = _word_tokenizer(tmp_path, VOCAB)
+    tokenizer = word_tokenizer(tmp_path, VOCAB)
     prompts = ["w5 w17 w200 w9", "w44 w3"]
     out = _run("tools/generate.py", f"--ckpt={tmp_path}", *(f"--prompt={p}" for p in prompts), "--max_new_tokens=12")
     for prompt in prompts:

@@ -255,10 +255,11 @@ def read_state(
     return state, ConversionReport(converted=len(entries), ignored=ignored)
 
 
-def _replace_values(abstract_state: nnx.State, arrays: Mapping[str, np.ndarray]) -> nnx.State:
+def _replace_values(abstract_state: nnx.State, arrays: dict[str, np.ndarray]) -> nnx.State:
+    """Moves each host array to the default device as it goes (peak memory: model + one parameter)."""
     flat = []
     for path, var in nnx.to_flat_state(abstract_state):
-        flat.append((path, var.replace(arrays[".".join(map(str, path))])))
+        flat.append((path, var.replace(jax.device_put(arrays.pop(".".join(map(str, path)))))))
     return nnx.from_flat_state(flat)
 
 

@@ -181,6 +181,7 @@ class DecoderOutput(NamedTuple):
     logits: jax.Array  # [B, T, vocab] float32 (T = 1 with logits_at)
     hidden_states: tuple[jax.Array, ...] | None  # HF convention: embeddings, layers 1..L-1, final-normed output
     cache: KVCache | None
+    last_hidden_state: jax.Array  # [B, T, D] after the final norm (the LM head's input)
 
 
 class DecoderLayer(nnx.Module):
@@ -277,6 +278,7 @@ class Decoder(nnx.Module):
         elif cache is not None:
             cache = KVCache(new_kv[0], new_kv[1], valid, cache_index + length)
         x = self.norm(x)
+        last_hidden_state = x
         hidden_states = None
         if output_hidden_states:
             embeds = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -284,4 +286,4 @@ class Decoder(nnx.Module):
         if logits_at is not None:
             x = jax.lax.dynamic_slice_in_dim(x, jnp.asarray(logits_at) % length, 1, axis=1)
         logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
-        return DecoderOutput(logits.astype(jnp.float32), hidden_states, cache)
+        return DecoderOutput(logits.astype(jnp.float32), hidden_states, cache, last_hidden_state)
