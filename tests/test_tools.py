@@ -7,6 +7,9 @@ import re
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
 from flax import nnx
 from safetensors.torch import save_file
 
@@ -54,3 +57,64 @@ def test_benchmarks_run_at_small_sizes():
     assert re.search(r"^\s+1\s+[\d.]+\s+[\d.]+\s+[\d.]+x", vit, re.M), vit
     decode = _run("tools/bench/decode.py", "--layers=1", "--prompt_len=16", "--new_tokens=4", "--repeats=1")
     assert "greedy tokens identical to transformers: 100.0%" in decode, decode
+
+
+def _assert_same_tensors(folder_a, folder_b):
+    from m3d_jax.convert.torch_io import CheckpointReader
+
+    a, b = CheckpointReader(folder_a), CheckpointReader(folder_b)
+    assert sorted(a.keys()) == sorted(b.keys())
+    for key in a.keys():
+        np.testing.assert_array_equal(a.read(key), b.read(key), err_msg=key)
+
+
+def test_convert_checkpoint_lamed_round_trip_and_load(tmp_path, rng):
+    import jax.numpy as jnp
+
+    from m3d_jax.convert.checkpoint import load_jax
+    from m3d_jax.convert.lamed import load_lamed
+    from test_lamed import IMAGE_ID, NUM_IMAGE_TOKENS, TorchLamed, _save_released
+
+    _save_released(TorchLamed("phi3", segmentation=True), tmp_path / "released")
+    out = _run("tools/convert_checkpoint.py", "torch2jax", str(tmp_path / "released"), str(tmp_path / "jax"))
+    assert re.search(r"lamed: converted \d+ tensors", out), out
+    out = _run("tools/convert_checkpoint.py", "jax2torch", str(tmp_path / "jax"), str(tmp_path / "back"),
+               "--max_shard_gb=0.001")
+    assert (tmp_path / "back" / "model.safetensors.index.json").is_file()
+    _assert_same_tensors(tmp_path / "released", tmp_path / "back")
+    model = load_jax(tmp_path / "jax")
+    reference, _ = load_lamed(tmp_path / "released")
+    images = jnp.asarray(rng.random((1, 1, 16, 64, 64), dtype=np.float32))
+    ids = jnp.asarray([[1, *[IMAGE_ID] * NUM_IMAGE_TOKENS, 5, 6, 7]])
+    np.testing.assert_array_equal(np.asarray(model(images, ids).logits), np.asarray(reference(images, ids).logits))
+
+
+def test_convert_checkpoint_decoder_and_bare_vit(tmp_path):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from test_decoder import _hf_model
+
+    hf = _hf_model("llama_gqa")
+    hf.save_pretrained(tmp_path / "llama")
+    _run("tools/convert_checkpoint.py", "torch2jax", str(tmp_path / "llama"), str(tmp_path / "llama_jax"))
+    _run("tools/convert_checkpoint.py", "jax2torch", str(tmp_path / "llama_jax"), str(tmp_path / "llama_back"))
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "llama_back")
+    for key, tensor in hf.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], tensor), key
+
+    vit = make_monai_vit(TINY)
+    (tmp_path / "vit").mkdir()
+    torch.save({k: v for k, v in prefixed_state_dict(vit).items() if "norm_cross" not in k and "classif" not in k},
+               tmp_path / "vit" / "pretrained_ViT.bin")
+    with pytest.raises(AssertionError, match="does not match the default image/patch size"):
+        _run("tools/convert_checkpoint.py", "torch2jax", str(tmp_path / "vit"), str(tmp_path / "vit_jax"))
+    # With a config.json naming the sizes, the same bare checkpoint converts and round-trips.
+    import dataclasses
+    import json
+
+    (tmp_path / "vit" / "config.json").write_text(json.dumps({"m3d_jax_kind": "vit3d",
+                                                              "vit3d": dataclasses.asdict(TINY)}))
+    _run("tools/convert_checkpoint.py", "torch2jax", str(tmp_path / "vit"), str(tmp_path / "vit_jax"))
+    _run("tools/convert_checkpoint.py", "jax2torch", str(tmp_path / "vit_jax"), str(tmp_path / "vit_back"))
+    _assert_same_tensors(tmp_path / "vit", tmp_path / "vit_back")

@@ -206,19 +206,11 @@ def _describe(keys: Sequence[str], limit: int = 25) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def read_state(
-    reader: CheckpointReader, keymap: KeyMap, abstract_state: nnx.State
-) -> tuple[nnx.State, ConversionReport]:
-    """Converts a PyTorch checkpoint into an `nnx.State` shaped like `abstract_state` (from `nnx.eval_shape`).
-
-    Tensors are read, transformed and cast one at a time into preallocated host arrays in each
-    parameter's dtype. Raises `CheckpointMismatchError` listing every problem at once.
-    """
-    flat = _flat_values(abstract_state)
-    entries = keymap.expand({p: tuple(v.shape) for p, v in flat.items()})
+def check_checkpoint(reader: CheckpointReader, keymap: KeyMap, entries: Sequence[Entry]) -> list[tuple[str, str]]:
+    """Raises `CheckpointMismatchError` listing every missing, unexpected, mis-shaped and non-float tensor;
+    returns the (key, reason) pairs the key map ignores."""
     expected = {e.torch_key: e for e in entries}
     present = set(reader.keys())
-
     missing = sorted(set(expected) - present)
     ignored, unexpected = [], []
     for key in sorted(present - set(expected)):
@@ -243,16 +235,42 @@ def read_state(
         raise CheckpointMismatchError(
             f"checkpoint {reader.path} does not match the {keymap.name!r} layout:\n  " + "\n  ".join(problems)
         )
+    return ignored
 
+
+def jax_pieces(entry: Entry, tensor: np.ndarray, shapes: Mapping[str, Shape]) -> list[np.ndarray]:
+    """The JAX values (one per path, per-layer slices for stacked rules) of one torch tensor."""
+    piece_shapes = [shapes[p][1:] if entry.layer is not None else shapes[p] for p in entry.jax_paths]
+    return entry.transform.to_jax(tensor, piece_shapes)
+
+
+def read_state(
+    reader: CheckpointReader, keymap: KeyMap, abstract_state: nnx.State, *, progress: bool = False
+) -> tuple[nnx.State, ConversionReport]:
+    """Converts a PyTorch checkpoint into an `nnx.State` shaped like `abstract_state` (from `nnx.eval_shape`).
+
+    Tensors are read, transformed and cast one at a time into preallocated host arrays in each
+    parameter's dtype. Raises `CheckpointMismatchError` listing every problem at once.
+    """
+    flat = _flat_values(abstract_state)
+    shapes = {p: tuple(v.shape) for p, v in flat.items()}
+    entries = keymap.expand(shapes)
+    ignored = check_checkpoint(reader, keymap, entries)
     arrays = {path: np.empty(var.shape, var.dtype) for path, var in flat.items()}
-    for entry in entries:
-        tensor = reader.read(entry.torch_key)
-        shapes = [arrays[p].shape[1:] if entry.layer is not None else arrays[p].shape for p in entry.jax_paths]
-        for path, value in zip(entry.jax_paths, entry.transform.to_jax(tensor, shapes)):
+    for entry in _progress(entries, progress, "torch -> jax"):
+        for path, value in zip(entry.jax_paths, jax_pieces(entry, reader.read(entry.torch_key), shapes)):
             target = arrays[path] if entry.layer is None else arrays[path][entry.layer]
             target[...] = value.astype(arrays[path].dtype)
     state = _replace_values(abstract_state, arrays)
     return state, ConversionReport(converted=len(entries), ignored=ignored)
+
+
+def _progress(items, enabled: bool, description: str):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=description, unit="tensor")
 
 
 def _replace_values(abstract_state: nnx.State, arrays: dict[str, np.ndarray]) -> nnx.State:
@@ -273,20 +291,25 @@ def torch_shapes(keymap: KeyMap, state: nnx.State) -> dict[str, Shape]:
     return {e.torch_key: e.torch_shape for e in keymap.expand({p: tuple(v.shape) for p, v in values.items()})}
 
 
-def _to_torch(entry: Entry, values: Mapping[str, nnx.Variable], dtype: Any) -> np.ndarray:
-    arrays = []
-    for path in entry.jax_paths:
-        value = values[path][...] if entry.layer is None else values[path][entry.layer]
-        arrays.append(np.asarray(jax.device_get(value)))
-    tensor = entry.transform.to_torch(arrays)
+def _to_torch(entry: Entry, get: Callable[[str, int | None], np.ndarray], dtype: Any) -> np.ndarray:
+    """The torch tensor of `entry`; `get(path, layer)` returns a JAX value (its layer slice if stacked)."""
+    tensor = entry.transform.to_torch([np.asarray(get(path, entry.layer)) for path in entry.jax_paths])
     return tensor.astype(np.dtype(dtype)) if dtype is not None else tensor
+
+
+def _state_getter(values: Mapping[str, nnx.Variable]) -> Callable[[str, int | None], np.ndarray]:
+    def get(path: str, layer: int | None) -> np.ndarray:
+        value = values[path][...] if layer is None else values[path][layer]
+        return np.asarray(jax.device_get(value))
+
+    return get
 
 
 def iter_torch_tensors(keymap: KeyMap, state: nnx.State, dtype: Any = None) -> Iterator[tuple[str, np.ndarray]]:
     """Yields (torch key, array) for every tensor of the layout, one at a time, optionally cast."""
     values = _flat_values(state)
     for entry in keymap.expand({p: tuple(v.shape) for p, v in values.items()}):
-        yield entry.torch_key, _to_torch(entry, values, dtype)
+        yield entry.torch_key, _to_torch(entry, _state_getter(values), dtype)
 
 
 def write_state(
@@ -309,7 +332,8 @@ def write_state(
         TensorSpec(e.torch_key, e.torch_shape, np.dtype(dtype if dtype is not None else values[e.jax_paths[0]].dtype))
         for e in entries
     ]
-    produce = lambda key: _to_torch(by_key[key], values, dtype)  # noqa: E731
+    get = _state_getter(values)
+    produce = lambda key: _to_torch(by_key[key], get, dtype)  # noqa: E731
     return write_checkpoint(out_dir, specs, produce, max_shard_bytes=max_shard_bytes, config=config)
 
 

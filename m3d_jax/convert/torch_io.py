@@ -218,10 +218,18 @@ def _write_safetensors(path: Path, specs: Sequence[TensorSpec], produce: Callabl
         handle.write(struct.pack("<Q", len(header_bytes)))
         handle.write(header_bytes)
         for spec in specs:
-            array = np.ascontiguousarray(produce(spec.key))
-            if array.shape != spec.shape or array.dtype != spec.dtype:
-                raise ValueError(f"{spec.key}: produced {array.dtype}{list(array.shape)}, planned {spec.dtype}{list(spec.shape)}")
-            handle.write(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+            produced = produce(spec.key)
+            chunks = [produced] if isinstance(produced, np.ndarray) else produced
+            written = 0
+            for chunk in chunks:  # an array, or consecutive slices along axis 0 (e.g. one layer each)
+                chunk = np.ascontiguousarray(chunk)
+                if chunk.dtype != spec.dtype or chunk.shape[1:] != spec.shape[1:]:
+                    raise ValueError(f"{spec.key}: produced {chunk.dtype}{list(chunk.shape)} for planned "
+                                     f"{spec.dtype}{list(spec.shape)}")
+                handle.write(chunk.astype(chunk.dtype.newbyteorder("<"), copy=False).tobytes())
+                written += chunk.nbytes
+            if written != spec.nbytes:
+                raise ValueError(f"{spec.key}: produced {written} bytes, planned {spec.nbytes}")
     os.replace(tmp, path)
 
 
@@ -236,7 +244,8 @@ def write_checkpoint(
     """Writes tensors as HF-style safetensors: `model.safetensors`, or `model-0000i-of-0000n.safetensors`
     plus `model.safetensors.index.json` when they exceed `max_shard_bytes`; `config.json` if given.
 
-    `produce(key)` is called once per tensor, in order, so only one tensor is in memory at a time.
+    `produce(key)` is called once per tensor, in order, and returns the array or an iterable of its
+    consecutive slices along axis 0, so at most one tensor (or one slice) is in memory at a time.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

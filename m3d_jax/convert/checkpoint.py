@@ -1,0 +1,175 @@
+"""Folder-level conversion between PyTorch checkpoints and m3d-jax parameter folders, streaming one
+tensor (or one layer slice) at a time in both directions.
+
+An m3d-jax parameter folder holds `config.json` (the model's transformers-style config plus
+`"m3d_jax_kind"`) and safetensors shards keyed by the JAX parameter paths (e.g.
+`language_model.layers.self_attn.q_proj.kernel`, stacked over layers), in the parameters' own layout.
+They are memory-mapped when read, so a model larger than host memory can be placed shard by shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from m3d_jax.convert.keymap import (
+    ConversionReport, KeyMap, _flat_values, _progress, _to_torch, check_checkpoint, jax_pieces,
+)
+from m3d_jax.convert.torch_io import CheckpointReadError, CheckpointReader, TensorSpec, write_checkpoint
+
+KIND_KEY = "m3d_jax_kind"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelKind:
+    """How to build, map and describe one kind of checkpoint."""
+
+    name: str
+    config_from_hf: Callable[[dict], Any]
+    config_to_hf: Callable[[Any], dict]
+    build: Callable[[Any], nnx.Module]
+    keymap: Callable[[Any], KeyMap]
+
+
+def _kinds() -> dict[str, ModelKind]:
+    from m3d_jax.convert.decoder import decoder_keymap
+    from m3d_jax.convert.lamed import lamed_keymap
+    from m3d_jax.convert.vit3d import vit3d_keymap
+    from m3d_jax.models.decoder import Decoder, DecoderConfig
+    from m3d_jax.models.lamed import Lamed, LamedConfig
+    from m3d_jax.models.vit3d import ViT3D, ViT3DConfig
+
+    return {
+        "lamed": ModelKind("lamed", LamedConfig.from_hf, LamedConfig.to_hf,
+                           lambda c: Lamed(c, rngs=nnx.Rngs(0)), lamed_keymap),
+        "decoder": ModelKind("decoder", DecoderConfig.from_hf, DecoderConfig.to_hf,
+                             lambda c: Decoder(c, rngs=nnx.Rngs(0)), decoder_keymap),
+        "vit3d": ModelKind("vit3d", lambda hf: ViT3DConfig.from_dict(hf["vit3d"]),
+                           lambda c: {"vit3d": dataclasses.asdict(c)}, lambda c: ViT3D(c, rngs=nnx.Rngs(0)),
+                           lambda c: vit3d_keymap(c, "m3d_clip_vision")),
+    }
+
+
+def detect(folder: str | os.PathLike) -> tuple[ModelKind, Any]:
+    """The model kind and config of a PyTorch or m3d-jax folder, from its config.json (model_type
+    lamed_phi3 / lamed_llama / phi3 / llama) or, without one, from the keys of a bare ViT checkpoint."""
+    folder = Path(folder)
+    kinds = _kinds()
+    config_path = folder / "config.json" if folder.is_dir() else None
+    if config_path is not None and config_path.is_file():
+        hf = json.loads(config_path.read_text())
+        name = hf.get(KIND_KEY)
+        if name is None:
+            model_type = hf.get("model_type", "")
+            name = "lamed" if model_type.startswith("lamed") else "decoder" if model_type in ("phi3", "llama") else None
+        if name not in kinds:
+            raise CheckpointReadError(f"{config_path}: cannot tell the model kind (model_type "
+                                      f"{hf.get('model_type')!r}; expected lamed_phi3, lamed_llama, phi3 or llama)")
+        return kinds[name], kinds[name].config_from_hf(hf)
+    reader = CheckpointReader(folder)
+    keys = set(reader.keys())
+    if "patch_embedding.patch_embeddings.1.weight" in keys:
+        from m3d_jax.models.vit3d import ViT3DConfig
+
+        pos = reader.info("patch_embedding.position_embeddings").shape
+        depth = 1 + max(int(k.split(".")[1]) for k in keys if k.startswith("blocks."))
+        config = ViT3DConfig(hidden_size=pos[-1], num_layers=depth, cls_token="cls_token" in keys,
+                             mlp_dim=reader.info("blocks.0.mlp.linear1.weight").shape[0],
+                             num_heads=max(1, pos[-1] // 64))
+        if config.num_patches != pos[1]:
+            raise CheckpointReadError(f"{folder}: a bare ViT checkpoint with {pos[1]} patches does not match the "
+                                      f"default image/patch size; write a config.json with the sizes")
+        return kinds["vit3d"], config
+    raise CheckpointReadError(f"{folder}: no config.json and not a bare 3D ViT checkpoint; cannot tell the kind")
+
+
+def _abstract_state(kind: ModelKind, config) -> nnx.State:
+    return nnx.state(nnx.eval_shape(lambda: kind.build(config)))
+
+
+def torch_to_jax(src: str | os.PathLike, dst: str | os.PathLike, *, progress: bool = False,
+                 max_shard_bytes: int = 5 * 2**30) -> ConversionReport:
+    """PyTorch folder → m3d-jax parameter folder, one torch tensor at a time."""
+    kind, config = detect(src)
+    reader = CheckpointReader(src)
+    keymap = kind.keymap(config)
+    flat = _flat_values(_abstract_state(kind, config))
+    shapes = {p: tuple(v.shape) for p, v in flat.items()}
+    entries = keymap.expand(shapes)
+    ignored = check_checkpoint(reader, keymap, entries)
+    by_path: dict[str, list] = {}
+    for entry in entries:
+        for path in entry.jax_paths:
+            by_path.setdefault(path, []).append(entry)
+    specs = [TensorSpec(path, shapes[path], np.dtype(flat[path].dtype)) for path in sorted(by_path)]
+    bar = _progress(range(len(entries)), progress, "torch -> jax")
+    counter = iter(bar) if progress else None
+
+    def produce(path: str):
+        dtype = np.dtype(flat[path].dtype)
+        for entry in sorted(by_path[path], key=lambda e: -1 if e.layer is None else e.layer):
+            pieces = jax_pieces(entry, reader.read(entry.torch_key), shapes)
+            piece = pieces[entry.jax_paths.index(path)].astype(dtype)
+            if counter is not None and path == entry.jax_paths[0]:
+                next(counter, None)
+            yield piece if entry.layer is None else piece[None]
+
+    hf = kind.config_to_hf(config) | {KIND_KEY: kind.name}
+    write_checkpoint(dst, specs, produce, max_shard_bytes=max_shard_bytes, config=hf)
+    return ConversionReport(converted=len(entries), ignored=ignored)
+
+
+def jax_to_torch(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, progress: bool = False,
+                 max_shard_bytes: int = 5 * 2**30) -> int:
+    """m3d-jax parameter folder → PyTorch folder in the released layout; returns the tensor count."""
+    kind, config = detect(src)
+    params = CheckpointReader(src)
+    keymap = kind.keymap(config)
+    flat = _flat_values(_abstract_state(kind, config))
+    entries = keymap.expand({p: tuple(v.shape) for p, v in flat.items()})
+    missing = sorted(set(flat) - set(params.keys()))
+    if missing:
+        raise CheckpointReadError(f"{src}: m3d-jax parameter folder lacks {len(missing)} parameters: {missing[:10]}")
+    get = lambda path, layer: params.read(path) if layer is None else params.read(path)[layer]  # noqa: E731
+    by_key = {e.torch_key: e for e in entries}
+    specs = [TensorSpec(e.torch_key, e.torch_shape,
+                        np.dtype(dtype) if dtype is not None else np.dtype(flat[e.jax_paths[0]].dtype))
+             for e in entries]
+    hf = kind.config_to_hf(config)
+    bar = _progress(range(len(specs)), progress, "jax -> torch")
+    counter = iter(bar) if progress else None
+
+    def produce(key):
+        if counter is not None:
+            next(counter, None)
+        return _to_torch(by_key[key], get, dtype)
+
+    write_checkpoint(dst, specs, produce, max_shard_bytes=max_shard_bytes, config=hf)
+    return len(specs)
+
+
+def load_jax(folder: str | os.PathLike, **config_overrides) -> nnx.Module:
+    """Builds the model of an m3d-jax parameter folder and fills it, one parameter at a time."""
+    kind, config = detect(folder)
+    if config_overrides:
+        config = dataclasses.replace(config, **config_overrides)
+    params = CheckpointReader(folder)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: kind.build(config)))
+    flat = []
+    for path, variable in nnx.to_flat_state(abstract):
+        name = ".".join(map(str, path))
+        if name not in params.keys():
+            raise CheckpointReadError(f"{folder}: parameter {name} is missing")
+        value = params.read(name)
+        if value.shape != variable.shape:
+            raise CheckpointReadError(f"{folder}: parameter {name} has shape {value.shape}, expected {variable.shape}")
+        flat.append((path, variable.replace(jax.device_put(np.asarray(value, variable.dtype)))))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -1,0 +1,46 @@
+"""Convert checkpoints between PyTorch (released layouts) and m3d-jax parameter folders.
+
+  python tools/convert_checkpoint.py torch2jax M3D-LaMed-Phi-3-4B/ lamed_phi3_jax/
+  python tools/convert_checkpoint.py jax2torch lamed_phi3_jax/ lamed_phi3_torch/ [--dtype=bfloat16]
+
+The kind is detected from SRC/config.json: lamed_phi3, lamed_llama (M3D-LaMed), phi3, llama (plain
+transformers LLMs), or, without a config.json, a bare M3D-CLIP vision checkpoint (pretrained_ViT.bin).
+Tensors stream one at a time (peak memory ≈ the largest tensor), so a 16 GB checkpoint converts on a
+24 GB machine. torch2jax writes safetensors keyed by JAX parameter paths plus config.json; jax2torch
+writes the released layout (config.json + sharded safetensors + index) that the PyTorch code loads
+with strict=True.
+"""
+
+from __future__ import annotations
+
+import time
+
+from absl import app, flags
+
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
+                           "jax2torch: tensor dtype to write (default: the parameters' dtype).")
+_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "Largest output shard in GiB.")
+
+
+def main(argv):
+    if len(argv) != 4 or argv[1] not in ("torch2jax", "jax2torch"):
+        raise app.UsageError("usage: convert_checkpoint.py {torch2jax,jax2torch} SRC DST")
+    from m3d_jax.convert.checkpoint import detect, jax_to_torch, torch_to_jax
+
+    direction, src, dst = argv[1:]
+    kind, _ = detect(src)
+    shard_bytes = int(_SHARD_GB.value * 2**30)
+    start = time.perf_counter()
+    if direction == "torch2jax":
+        report = torch_to_jax(src, dst, progress=True, max_shard_bytes=shard_bytes)
+        print(f"{kind.name}: converted {report.converted} tensors from {src} to {dst}")
+        for key, reason in report.ignored:
+            print(f"  ignored {key}: {reason}")
+    else:
+        count = jax_to_torch(src, dst, dtype=_DTYPE.value, progress=True, max_shard_bytes=shard_bytes)
+        print(f"{kind.name}: wrote {count} tensors in the PyTorch layout to {dst}")
+    print(f"({time.perf_counter() - start:.1f} s)")
+
+
+if __name__ == "__main__":
+    app.run(main)
