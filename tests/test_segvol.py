@@ -1,5 +1,6 @@
 """SegVol mask decoder against segment_anything's TwoWayTransformer and an independent torch composition
-(MONAI ViT + SAM modules + torch ConvTranspose3d / LayerNorm / interpolate) in the released key layout."""
+(m3d_jax.parity.torch_reference: MONAI ViT + SAM modules + torch ConvTranspose3d / LayerNorm /
+interpolate) in the released key layout."""
 
 from __future__ import annotations
 
@@ -10,32 +11,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from flax import nnx
 from safetensors.torch import save_file
 
-from conftest import make_monai_vit
 from m3d_jax.convert import write_state
 from m3d_jax.convert.keymap import load_model, torch_shapes
 from m3d_jax.convert.segvol import segvol_keymap, two_way_transformer_keymap
 from m3d_jax.convert.torch_io import CheckpointReader
 from m3d_jax.models.segvol import SegVol, SegVolConfig, TwoWayTransformer
 from m3d_jax.models.vit3d import ViT3DConfig
-from sam_oracle import load_sam_modeling
+from m3d_jax.parity.torch_reference import TorchSegVol, load_sam_modeling
 
 TINY_SEGVOL = SegVolConfig(
     encoder=ViT3DConfig(image_size=(16, 64, 64), hidden_size=64, mlp_dim=128, num_layers=2, num_heads=4,
                         cls_token=False),
     decoder_heads=4, decoder_mlp_dim=96, iou_head_hidden=32,
 )
-
-
-def _randomise(module: torch.nn.Module, seed: int) -> None:
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in module.named_parameters():
-            scale = 1.0 / math.sqrt(parameter.shape[-1]) if parameter.ndim > 1 else 0.1
-            parameter.copy_(torch.randn_like(parameter) * scale + (1.0 if name.endswith("norm1.weight") else 0.0))
 
 
 def _relative_error(ours, ref) -> float:
@@ -48,7 +39,7 @@ def test_two_way_transformer_matches_segment_anything(tmp_path, rng):
     config = dataclasses.replace(TINY_SEGVOL, decoder_heads=8)
     dim = config.dim
     reference = sam.transformer.TwoWayTransformer(depth=2, embedding_dim=dim, num_heads=8, mlp_dim=96).eval()
-    _randomise(reference, 0)
+    randomised(reference, 0)
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(tmp_path / "t.safetensors"))
     model, _ = load_model(tmp_path / "t.safetensors", two_way_transformer_keymap(2), lambda: TwoWayTransformer(
         config, dtypes=dict(dtype=jnp.float32, param_dtype=jnp.float32), rngs=nnx.Rngs(0)))
@@ -67,79 +58,33 @@ def test_two_way_transformer_matches_segment_anything(tmp_path, rng):
     assert _relative_error(out_keys, ref_keys.numpy()) <= 1e-5
 
 
-class TorchSegVol(torch.nn.Module):
-    """The reference computation, composed from MONAI and segment_anything modules, with the released
-    `seg_module` submodule names (so its state dict is the released layout)."""
+def randomised(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every parameter random (norms around 1), so no term of the computation is trivially zero."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            scale = 1.0 / math.sqrt(parameter.shape[-1]) if parameter.ndim > 1 else 0.1
+            offset = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+            parameter.copy_(torch.randn_like(parameter) * scale + offset)
+    return module.eval()
 
-    def __init__(self, config: SegVolConfig):
-        super().__init__()
-        sam = load_sam_modeling()
-        dim, grid, chans = config.dim, config.encoder.grid, config.mask_in_chans
-        self.config = config
-        self.image_encoder = make_monai_vit(config.encoder, seed=1)
-        self.prompt_encoder = torch.nn.Module()
-        self.prompt_encoder.pe_layer = torch.nn.Module()
-        self.prompt_encoder.pe_layer.register_buffer("positional_encoding_gaussian_matrix", torch.randn(3, dim // 2))
-        self.prompt_encoder.point_embeddings = torch.nn.ModuleList(torch.nn.Embedding(1, dim) for _ in range(4))
-        self.prompt_encoder.not_a_point_embed = torch.nn.Embedding(1, dim)
-        self.prompt_encoder.no_mask_embed = torch.nn.Embedding(1, dim)
-        self.prompt_encoder.mask_downscaling = torch.nn.Sequential(
-            torch.nn.Conv2d(1, chans // 4, 2, 2), sam.common.LayerNorm2d(chans // 4), torch.nn.GELU(),
-            torch.nn.Conv2d(chans // 4, chans, 2, 2), sam.common.LayerNorm2d(chans), torch.nn.GELU(),
-            torch.nn.Conv2d(chans, dim, 1))
-        decoder = torch.nn.Module()
-        decoder.transformer = sam.transformer.TwoWayTransformer(
-            depth=config.decoder_depth, embedding_dim=dim, num_heads=config.decoder_heads,
-            mlp_dim=config.decoder_mlp_dim)
-        decoder.iou_token = torch.nn.Embedding(1, dim)
-        decoder.mask_tokens = torch.nn.Embedding(config.num_mask_tokens, dim)
-        decoder.output_upscaling = torch.nn.Sequential(
-            torch.nn.ConvTranspose3d(dim, dim // 4, 2, 2), torch.nn.LayerNorm((dim // 4, *(2 * g for g in grid))),
-            torch.nn.GELU(), torch.nn.ConvTranspose3d(dim // 4, dim // 8, 2, 2), torch.nn.GELU())
-        decoder.output_hypernetworks_mlps = torch.nn.ModuleList(
-            sam.mask_decoder.MLP(dim, dim, dim // 8, 3) for _ in range(config.num_mask_tokens))
-        decoder.iou_prediction_head = sam.mask_decoder.MLP(dim, config.iou_head_hidden, config.num_mask_tokens,
-                                                           config.iou_head_depth)
-        decoder.txt_align_upscaled_embedding = torch.nn.Linear(dim, dim // 8)
-        self.mask_decoder = decoder
-        _randomise(self.prompt_encoder, 2)
-        _randomise(self.mask_decoder, 3)
 
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        b, dim, grid = images.shape[0], self.config.dim, self.config.encoder.grid
-        features = self.image_encoder.patch_embedding(images)
-        for block in self.image_encoder.blocks:
-            features = block(features)
-        embedding = self.image_encoder.norm(features).transpose(1, 2).reshape(b, dim, *grid)
-        # Random-Fourier PE with coordinates (x, y, z) = (axis 1, axis 0, axis 2) of the grid.
-        axes = [(torch.arange(n, dtype=torch.float32) + 0.5) / n for n in grid]
-        a0, a1, a2 = torch.meshgrid(*axes, indexing="ij")
-        coords = 2 * torch.stack([a1, a0, a2], dim=-1) - 1
-        angles = 2 * math.pi * coords @ self.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
-        pe = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1).permute(3, 0, 1, 2)[None]
-        decoder = self.mask_decoder
-        tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight])[None].expand(b, -1, -1)
-        tokens = torch.cat([tokens, text[:, None]], dim=1)
-        src = embedding + self.prompt_encoder.no_mask_embed.weight.reshape(1, dim, 1, 1, 1)
-        hs, keys = decoder.transformer(src.flatten(3), pe.expand(b, -1, -1, -1, -1).flatten(3), tokens)
-        upscaled = decoder.output_upscaling(keys.transpose(1, 2).reshape(b, dim, *grid))
-        flat = upscaled.flatten(2)
-        hyper = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], 1)
-        masks = hyper @ flat + decoder.txt_align_upscaled_embedding(text)[:, None] @ flat
-        low_res = masks[:, :1].reshape(b, 1, *upscaled.shape[2:])
-        return F.interpolate(low_res, size=images.shape[2:], mode="trilinear", align_corners=False)
+def tiny_torch_segvol(seed: int = 0) -> TorchSegVol:
+    e = TINY_SEGVOL.encoder
+    return randomised(TorchSegVol(e.image_size, e.patch_size, dim=e.hidden_size, mlp_dim=e.mlp_dim,
+                                  num_layers=e.num_layers, num_heads=e.num_heads, decoder_heads=4,
+                                  decoder_mlp_dim=96, iou_hidden=32), seed)
 
 
 @pytest.fixture(scope="module")
 def torch_segvol():
-    return TorchSegVol(TINY_SEGVOL).eval()
+    return tiny_torch_segvol()
 
 
 def _released_state(module: torch.nn.Module, config: SegVolConfig) -> dict[str, torch.Tensor]:
     keymap = segvol_keymap(config)
     state = {"model.seg_module." + k: v.contiguous() for k, v in module.state_dict().items()}
-    return {k: v for k, v in state.items() if not keymap.ignored_reason(k)}
+    return {k: v for k, v in state.items() if not keymap.ignored_reason(k)}  # MONAI's extras
 
 
 def test_segvol_matches_torch_composition(torch_segvol, tmp_path, rng):

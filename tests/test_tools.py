@@ -73,9 +73,9 @@ def test_convert_checkpoint_lamed_round_trip_and_load(tmp_path, rng):
 
     from m3d_jax.convert.checkpoint import load_jax
     from m3d_jax.convert.lamed import load_lamed
-    from test_lamed import IMAGE_ID, NUM_IMAGE_TOKENS, TorchLamed, _save_released
+    from test_lamed import IMAGE_ID, NUM_IMAGE_TOKENS, _save_released, tiny_torch_lamed
 
-    _save_released(TorchLamed("phi3", segmentation=True), tmp_path / "released")
+    _save_released(tiny_torch_lamed("phi3", segmentation=True), tmp_path / "released")
     out = _run("tools/convert_checkpoint.py", "torch2jax", str(tmp_path / "released"), str(tmp_path / "jax"))
     assert re.search(r"lamed: converted \d+ tensors", out), out
     out = _run("tools/convert_checkpoint.py", "jax2torch", str(tmp_path / "jax"), str(tmp_path / "back"),
