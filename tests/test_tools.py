@@ -118,3 +118,28 @@ def test_convert_checkpoint_decoder_and_bare_vit(tmp_path):
     _run("tools/convert_checkpoint.py", "torch2jax", str(tmp_path / "vit"), str(tmp_path / "vit_jax"))
     _run("tools/convert_checkpoint.py", "jax2torch", str(tmp_path / "vit_jax"), str(tmp_path / "vit_back"))
     _assert_same_tensors(tmp_path / "vit", tmp_path / "vit_back")
+
+
+def test_parity_tool_passes_on_converted_weights_and_fails_on_a_perturbed_one(tmp_path):
+    import jax.numpy as jnp
+
+    from m3d_jax.convert.checkpoint import load_jax, save_jax
+    from m3d_jax.parity.reference import load_reference
+    from test_lamed import _save_released, tiny_torch_lamed
+
+    _save_released(tiny_torch_lamed("phi3", segmentation=True), tmp_path / "released")
+    out = _run("tools/dump_reference.py", f"--ckpt={tmp_path / 'released'}", f"--out={tmp_path / 'ref.npz'}",
+               "--seg", "--generate=6")
+    assert "seg_logits (1, 1, 16, 64, 64)" in out and "generated_ids (1, 6)" in out
+    assert set(load_reference(tmp_path / "ref.npz")) >= {"logits", "seg_logits", "generated_ids"}
+    _run("tools/convert_checkpoint.py", "torch2jax", str(tmp_path / "released"), str(tmp_path / "jax"))
+    out = _run("tools/parity.py", f"--ckpt={tmp_path / 'jax'}", f"--ref={tmp_path / 'ref.npz'}")
+    assert "parity ok" in out and "100.0% equal" in out, out
+
+    model = load_jax(tmp_path / "jax")
+    kernel = model.mm_projector.layers[1].kernel
+    kernel[...] = jnp.asarray(kernel[...]).at[0, 0].add(0.5)
+    save_jax(model, tmp_path / "perturbed")
+    result = subprocess.run([sys.executable, "tools/parity.py", f"--ckpt={tmp_path / 'perturbed'}",
+                             f"--ref={tmp_path / 'ref.npz'}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1 and "parity FAILED" in result.stdout, result.stdout + result.stderr[-2000:]

@@ -26,6 +26,7 @@ from m3d_jax.convert.keymap import (
 from m3d_jax.convert.torch_io import CheckpointReadError, CheckpointReader, TensorSpec, write_checkpoint
 
 KIND_KEY = "m3d_jax_kind"
+_KIND_OF_CLASS = {"Lamed": "lamed", "Decoder": "decoder", "ViT3D": "vit3d"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,3 +174,15 @@ def load_jax(folder: str | os.PathLike, **config_overrides) -> nnx.Module:
             raise CheckpointReadError(f"{folder}: parameter {name} has shape {value.shape}, expected {variable.shape}")
         flat.append((path, variable.replace(jax.device_put(np.asarray(value, variable.dtype)))))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def save_jax(model: nnx.Module, folder: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30) -> list[Path]:
+    """Writes an m3d-jax parameter folder (config.json + safetensors keyed by parameter path)."""
+    kind = _kinds().get(_KIND_OF_CLASS.get(type(model).__name__, ""))
+    if kind is None:
+        raise TypeError(f"no checkpoint kind for {type(model).__name__}")
+    values = _flat_values(nnx.state(model))
+    specs = [TensorSpec(path, tuple(v.shape), np.dtype(v.dtype)) for path, v in sorted(values.items())]
+    produce = lambda path: np.asarray(jax.device_get(values[path][...]))  # noqa: E731
+    hf = kind.config_to_hf(model.config) | {KIND_KEY: kind.name}
+    return write_checkpoint(folder, specs, produce, max_shard_bytes=max_shard_bytes, config=hf)

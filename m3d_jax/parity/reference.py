@@ -1,0 +1,73 @@
+"""The reference `.npz` format for parity checks, and the comparisons.
+
+Keys: `image` float32 [B,1,D,H,W], `input_ids` int [B,L], `logits` float32 [B,L,V] (required);
+`attention_mask` int [B,L], `seg_logits` float32 [B,1,D,H,W] (prompted by the `[SEG]` ids in
+`input_ids`), `generated_ids` int [B,T] (greedy continuation of `input_ids`) (optional).
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+REQUIRED = {"image": 5, "input_ids": 2, "logits": 3}
+OPTIONAL = {"attention_mask": 2, "seg_logits": 5, "generated_ids": 2}
+
+
+class ReferenceError(ValueError):
+    """A reference file is missing, unreadable, or lacks / mis-shapes a field."""
+
+
+def load_reference(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    path = Path(path)
+    if not path.is_file():
+        raise ReferenceError(f"{path}: reference file not found")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise ReferenceError(f"{path}: not a readable .npz ({err})") from None
+    unknown = sorted(set(arrays) - set(REQUIRED) - set(OPTIONAL))
+    missing = sorted(set(REQUIRED) - set(arrays))
+    if missing or unknown:
+        raise ReferenceError(f"{path}: missing fields {missing}, unknown fields {unknown}")
+    for key, ndim in {**REQUIRED, **OPTIONAL}.items():
+        if key in arrays and arrays[key].ndim != ndim:
+            raise ReferenceError(f"{path}: field {key} has shape {arrays[key].shape}, expected {ndim} dimensions")
+    batch, length = arrays["input_ids"].shape
+    if arrays["logits"].shape[:2] != (batch, length) or arrays["image"].shape[0] != batch:
+        raise ReferenceError(f"{path}: logits {arrays['logits'].shape} / image {arrays['image'].shape} do not "
+                             f"match input_ids {arrays['input_ids'].shape}")
+    return arrays
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def mean_kl(reference_logits: np.ndarray, logits: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Mean over positions of KL(softmax(reference) ‖ softmax(ours))."""
+    ref, ours = log_softmax(reference_logits), log_softmax(logits)
+    kl = (np.exp(ref) * (ref - ours)).sum(axis=-1)
+    if mask is not None:
+        return float((kl * mask).sum() / max(mask.sum(), 1))
+    return float(kl.mean())
+
+
+def differences(reference: np.ndarray, ours: np.ndarray) -> tuple[float, float]:
+    """(max |Δ|, max |Δ| / max |reference|) over finite reference entries (−inf seg logits compare equal)."""
+    reference, ours = np.asarray(reference, np.float64), np.asarray(ours, np.float64)
+    if reference.shape != ours.shape:
+        raise ValueError(f"shape {ours.shape} differs from the reference's {reference.shape}")
+    finite = np.isfinite(reference)
+    if not np.array_equal(finite, np.isfinite(ours)) or not np.array_equal(reference[~finite], ours[~finite]):
+        return float("inf"), float("inf")
+    if not finite.any():
+        return 0.0, 0.0
+    delta = float(np.max(np.abs(reference[finite] - ours[finite])))
+    return delta, delta / max(float(np.max(np.abs(reference[finite]))), 1e-30)
