@@ -73,18 +73,23 @@ def min_max(array: np.ndarray) -> np.ndarray:
     return ((array - low) / (high - low)).astype(np.float32)
 
 
-def crop_foreground(array: np.ndarray) -> np.ndarray:
-    """Crops [C, D, H, W] to the bounding box of voxels > 0 in any channel (MONAI CropForeground, margin 0).
-    A volume with no foreground is returned unchanged."""
+def foreground_box(array: np.ndarray) -> tuple[slice, slice, slice]:
+    """Bounding box (D, H, W slices) of voxels > 0 in any channel of [C, D, H, W] (MONAI CropForeground,
+    margin 0); the whole volume when there is no foreground."""
     foreground = (array > 0).any(axis=0)
     if not foreground.any():
-        return array
-    slices = []
+        return tuple(slice(0, n) for n in foreground.shape)
+    box = []
     for axis in range(3):
         other = tuple(a for a in range(3) if a != axis)
         hits = np.flatnonzero(foreground.any(axis=other))
-        slices.append(slice(hits[0], hits[-1] + 1))
-    return array[(slice(None), *slices)]
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
+
+
+def crop_foreground(array: np.ndarray) -> np.ndarray:
+    """Crops [C, D, H, W] to `foreground_box`."""
+    return array[(slice(None), *foreground_box(array))]
 
 
 def resize_trilinear(array: np.ndarray, size: Sequence[int]) -> np.ndarray:
@@ -94,4 +99,37 @@ def resize_trilinear(array: np.ndarray, size: Sequence[int]) -> np.ndarray:
 
 def preprocess(array: np.ndarray, size: Sequence[int]) -> np.ndarray:
     """M3D's preparation of a raw volume: min-max to [0, 1] → crop foreground → trilinear resize."""
-    return resize_trilinear(crop_foreground(min_max(array)), size)
+    return prepare(array, size)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Where the model's input came from in the original [D, H, W] grid: the foreground box, resized."""
+
+    original_shape: tuple[int, int, int]
+    box: tuple[slice, slice, slice]
+    model_shape: tuple[int, int, int]
+
+    def to_original(self, coords: np.ndarray) -> np.ndarray:
+        """Model-grid voxel coordinates [..., 3] (D, H, W; continuous, centre convention) → original grid."""
+        starts = np.array([b.start for b in self.box], np.float64)
+        sizes = np.array([b.stop - b.start for b in self.box], np.float64)
+        scale = sizes / np.array(self.model_shape, np.float64)
+        return starts + (np.asarray(coords, np.float64) + 0.5) * scale - 0.5
+
+    def mask_to_original(self, mask: np.ndarray) -> np.ndarray:
+        """A [D, H, W] mask on the model grid → the original grid (nearest neighbour, zero outside the box)."""
+        sizes = [b.stop - b.start for b in self.box]
+        index = [np.minimum(((np.arange(n) + 0.5) * m / n).astype(np.int64), m - 1)
+                 for n, m in zip(sizes, self.model_shape)]
+        out = np.zeros(self.original_shape, mask.dtype)
+        out[self.box] = mask[np.ix_(*index)]
+        return out
+
+
+def prepare(array: np.ndarray, size: Sequence[int]) -> tuple[np.ndarray, Geometry]:
+    """`preprocess` plus the geometry needed to map boxes and masks back to the input volume."""
+    scaled = min_max(array)
+    box = foreground_box(scaled)
+    image = resize_trilinear(scaled[(slice(None), *box)], size)
+    return image, Geometry(tuple(array.shape[1:]), box, tuple(size))
