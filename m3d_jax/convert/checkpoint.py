@@ -4,7 +4,7 @@ tensor (or one layer slice) at a time in both directions.
 An m3d-jax parameter folder holds `config.json` (the model's transformers-style config plus
 `"m3d_jax_kind"`) and safetensors shards keyed by the JAX parameter paths (e.g.
 `language_model.layers.self_attn.q_proj.kernel`, stacked over layers), in the parameters' own layout.
-They are memory-mapped when read, so a model larger than host memory can be placed shard by shard.
+They are read one parameter (or one layer slice) at a time.
 """
 
 from __future__ import annotations
@@ -96,9 +96,10 @@ def _abstract_state(kind: ModelKind, config) -> nnx.State:
     return nnx.state(nnx.eval_shape(lambda: kind.build(config)))
 
 
-def torch_to_jax(src: str | os.PathLike, dst: str | os.PathLike, *, progress: bool = False,
+def torch_to_jax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, progress: bool = False,
                  max_shard_bytes: int = 5 * 2**30) -> ConversionReport:
-    """PyTorch folder → m3d-jax parameter folder, one torch tensor at a time."""
+    """PyTorch folder → m3d-jax parameter folder, one torch tensor at a time; parameters are stored in
+    `dtype` if given, else in the model's parameter dtype (load_jax casts on load)."""
     kind, config = detect(src)
     reader = CheckpointReader(src)
     keymap = kind.keymap(config)
@@ -110,15 +111,15 @@ def torch_to_jax(src: str | os.PathLike, dst: str | os.PathLike, *, progress: bo
     for entry in entries:
         for path in entry.jax_paths:
             by_path.setdefault(path, []).append(entry)
-    specs = [TensorSpec(path, shapes[path], np.dtype(flat[path].dtype)) for path in sorted(by_path)]
+    stored = {p: np.dtype(dtype) if dtype is not None else np.dtype(flat[p].dtype) for p in by_path}
+    specs = [TensorSpec(path, shapes[path], stored[path]) for path in sorted(by_path)]
     bar = _progress(range(len(entries)), progress, "torch -> jax")
     counter = iter(bar) if progress else None
 
     def produce(path: str):
-        dtype = np.dtype(flat[path].dtype)
         for entry in sorted(by_path[path], key=lambda e: -1 if e.layer is None else e.layer):
             pieces = jax_pieces(entry, reader.read(entry.torch_key), shapes)
-            piece = pieces[entry.jax_paths.index(path)].astype(dtype)
+            piece = pieces[entry.jax_paths.index(path)].astype(stored[path])
             if counter is not None and path == entry.jax_paths[0]:
                 next(counter, None)
             yield piece if entry.layer is None else piece[None]
@@ -130,7 +131,8 @@ def torch_to_jax(src: str | os.PathLike, dst: str | os.PathLike, *, progress: bo
 
 def jax_to_torch(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, progress: bool = False,
                  max_shard_bytes: int = 5 * 2**30) -> int:
-    """m3d-jax parameter folder → PyTorch folder in the released layout; returns the tensor count."""
+    """m3d-jax parameter folder → PyTorch folder in the released layout; returns the tensor count.
+    Tensors keep the folder's stored dtype unless `dtype` is given."""
     kind, config = detect(src)
     params = CheckpointReader(src)
     keymap = kind.keymap(config)
@@ -139,11 +141,12 @@ def jax_to_torch(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, 
     missing = sorted(set(flat) - set(params.keys()))
     if missing:
         raise CheckpointReadError(f"{src}: m3d-jax parameter folder lacks {len(missing)} parameters: {missing[:10]}")
-    get = lambda path, layer: params.read(path) if layer is None else params.read(path)[layer]  # noqa: E731
+    get = params.read  # (path, layer): reads just that layer's slice of a stacked parameter
     by_key = {e.torch_key: e for e in entries}
     specs = [TensorSpec(e.torch_key, e.torch_shape,
-                        np.dtype(dtype) if dtype is not None else np.dtype(flat[e.jax_paths[0]].dtype))
+                        np.dtype(dtype) if dtype is not None else params.info(e.jax_paths[0]).dtype)
              for e in entries]
+    out_dtype = {spec.key: spec.dtype for spec in specs}
     hf = kind.config_to_hf(config)
     bar = _progress(range(len(specs)), progress, "jax -> torch")
     counter = iter(bar) if progress else None
@@ -151,7 +154,7 @@ def jax_to_torch(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, 
     def produce(key):
         if counter is not None:
             next(counter, None)
-        return _to_torch(by_key[key], get, dtype)
+        return _to_torch(by_key[key], get, out_dtype[key])
 
     write_checkpoint(dst, specs, produce, max_shard_bytes=max_shard_bytes, config=hf)
     return len(specs)

@@ -1,8 +1,9 @@
 """Streaming I/O for PyTorch checkpoints: read safetensors (single or sharded with an index) and
 `*.bin` files one tensor at a time, and write sharded safetensors + index that PyTorch loads.
 
-Safetensors files are memory-mapped and parsed here (a JSON header, then raw little-endian bytes), which
-gives bfloat16 through ml_dtypes and exact errors for truncated files. `.bin` files go through
+Safetensors files are parsed here (a JSON header, then raw little-endian bytes; each tensor or slice is
+read with one positioned read), which gives bfloat16 through ml_dtypes, exact errors for truncated files,
+and a resident memory of one tensor at a time. `.bin` files go through
 `torch.load(weights_only=True, mmap=True)`, never plain pickle.
 """
 
@@ -77,14 +78,19 @@ class _SafetensorsFile:
                     f"{path}: truncated file: tensor {key!r} ends at byte {self.data_start + end}, file has {size}"
                 )
             self.entries[key] = (shape, dtype, begin, end)
-        self._mmap: np.memmap | None = None
-
-    def read(self, key: str) -> np.ndarray:
+    def read(self, key: str, index: int | None = None) -> np.ndarray:
+        """The tensor, or its slice `index` along axis 0, read into fresh memory (no mapping is kept, so
+        a process converting a checkpoint holds only the tensor at hand)."""
         shape, dtype, begin, end = self.entries[key]
-        if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-        raw = self._mmap[self.data_start + begin : self.data_start + end]
-        return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).reshape(shape)
+        if index is not None:
+            row = (end - begin) // shape[0]
+            begin, end, shape = begin + index * row, begin + (index + 1) * row, shape[1:]
+        buffer = np.empty(end - begin, np.uint8)
+        with open(self.path, "rb") as handle:
+            handle.seek(self.data_start + begin)
+            if handle.readinto(memoryview(buffer)) != buffer.size:
+                raise CheckpointReadError(f"{self.path}: could not read tensor {key!r} (file changed or truncated)")
+        return buffer.view(dtype.newbyteorder("<")).reshape(shape)
 
 
 class _BinFile:
@@ -108,10 +114,11 @@ class _BinFile:
         self.tensors = state
         self.entries = {k: (tuple(v.shape), _torch_to_numpy_dtype(v.dtype, path, k)) for k, v in state.items()}
 
-    def read(self, key: str) -> np.ndarray:
+    def read(self, key: str, index: int | None = None) -> np.ndarray:
         import torch
 
-        tensor = self.tensors[key].contiguous()
+        tensor = self.tensors[key] if index is None else self.tensors[key][index]
+        tensor = tensor.contiguous()
         if tensor.dtype == torch.bfloat16:
             return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return tensor.numpy()
@@ -188,8 +195,9 @@ class CheckpointReader:
         shape, dtype = entries[key][:2]
         return TensorInfo(tuple(shape), dtype, file)
 
-    def read(self, key: str) -> np.ndarray:
-        return self._file(self._key_to_file[key]).read(key)
+    def read(self, key: str, index: int | None = None) -> np.ndarray:
+        """The tensor `key` (or its slice `index` along axis 0), read one at a time."""
+        return self._file(self._key_to_file[key]).read(key, index)
 
 
 @dataclasses.dataclass(frozen=True)
