@@ -241,3 +241,43 @@ def test_embedding_resize_initialises_new_rows_with_the_mean(phi3_lamed):
                                rtol=1e-5, atol=1e-7)
     cut = resize_token_embeddings(llm, VOCAB - 6, num_new_tokens=4)  # Phi-3: 32064 rows cut to 32015
     assert cut.embed_tokens.embedding[...].shape == (VOCAB - 6, 64)
+
+
+@pytest.mark.parametrize("pooling_type,layer_type,layer_num", [("spatial", "linear", 1), ("sequence", "mlp", 3)])
+def test_projector_variants_match_torch(pooling_type, layer_type, layer_num, rng):
+    from m3d_jax.models.projector import ProjectorConfig, SpatialPoolingProjector
+
+    config = ProjectorConfig(grid=(4, 4, 8), in_dim=16, out_dim=24, layer_type=layer_type, layer_num=layer_num,
+                             pooling_type=pooling_type)
+    model = SpatialPoolingProjector(config, rngs=nnx.Rngs(0))
+    features = rng.normal(size=(2, 128, 16)).astype(np.float32)
+    x = torch.from_numpy(features)
+    if pooling_type == "spatial":
+        pooled = F.avg_pool3d(x.transpose(1, 2).reshape(2, 16, 4, 4, 8), 2, 2).flatten(2).transpose(1, 2)
+    else:
+        pooled = F.avg_pool1d(x.transpose(1, 2), 8, 8).transpose(1, 2)
+    for index, layer in enumerate(model.layers):
+        if index and layer_type == "mlp":
+            pooled = F.gelu(pooled)
+        pooled = pooled @ torch.from_numpy(np.array(layer.kernel[...])) + torch.from_numpy(np.array(layer.bias[...]))
+    assert config.proj_out_num == 16
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(features))), pooled.numpy(), atol=1e-5)
+
+
+def test_released_layout_errors_name_the_key(phi3_lamed, tmp_path):
+    from safetensors.torch import load_file
+
+    from m3d_jax.convert import CheckpointMismatchError
+
+    _, _, folder = phi3_lamed
+    state = load_file(str(folder / "model.safetensors"))
+    del state["model.seg_module.mask_decoder.txt_align_upscaled_embedding.weight"]
+    state["model.mm_projector.projector.2.weight"] = state["model.mm_projector.projector.2.weight"][:, :5].contiguous()
+    (tmp_path / "bad").mkdir()
+    save_file(state, str(tmp_path / "bad" / "model.safetensors"))
+    (tmp_path / "bad" / "config.json").write_text((folder / "config.json").read_text())
+    with pytest.raises(CheckpointMismatchError) as error:
+        load_lamed(tmp_path / "bad")
+    message = str(error.value)
+    assert "missing keys: model.seg_module.mask_decoder.txt_align_upscaled_embedding.weight" in message
+    assert "model.mm_projector.projector.2.weight (file model.safetensors: [64, 5], expected [64, 64])" in message

@@ -52,11 +52,13 @@ def test_generate_tool_matches_transformers_greedy(tmp_path):
         assert f"--- {prompt}\n{expected}\n" in out, (expected, out)
 
 
-def test_benchmarks_run_at_small_sizes():
+def test_benchmarks_run_at_small_sizes(tmp_path):
     vit = _run("tools/bench/vit3d.py", "--image_size=16,64,64", "--batch_sizes=1", "--repeats=1")
     assert re.search(r"^\s+1\s+[\d.]+\s+[\d.]+\s+[\d.]+x", vit, re.M), vit
     decode = _run("tools/bench/decode.py", "--layers=1", "--prompt_len=16", "--new_tokens=4", "--repeats=1")
     assert "greedy tokens identical to transformers: 100.0%" in decode, decode
+    convert = _run("tools/bench/convert.py", "--tiny", f"--dir={tmp_path / 'bench'}")
+    assert re.search(r"^torch2jax\s+[\d.]+\s+\d+", convert, re.M), convert
 
 
 def _assert_same_tensors(folder_a, folder_b):

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from m3d_jax.convert.keymap import (
-    ConversionReport, KeyMap, _flat_values, _progress, _to_torch, check_checkpoint, jax_pieces,
+    ConversionReport, FusedLinear, KeyMap, _flat_values, _progress, _to_torch, check_checkpoint, jax_pieces,
 )
 from m3d_jax.convert.torch_io import CheckpointReadError, CheckpointReader, TensorSpec, write_checkpoint
 
@@ -118,8 +118,13 @@ def torch_to_jax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, 
 
     def produce(path: str):
         for entry in sorted(by_path[path], key=lambda e: -1 if e.layer is None else e.layer):
-            pieces = jax_pieces(entry, reader.read(entry.torch_key), shapes)
-            piece = pieces[entry.jax_paths.index(path)].astype(stored[path])
+            which = entry.jax_paths.index(path)
+            if isinstance(entry.transform, FusedLinear):  # read only this kernel's rows of the fused weight
+                piece_shapes = [shapes[p][1:] if entry.layer is not None else shapes[p] for p in entry.jax_paths]
+                rows = reader.read(entry.torch_key, entry.transform.rows(piece_shapes, which))
+                piece = entry.transform.part_to_jax(rows, piece_shapes[which]).astype(stored[path], copy=False)
+            else:
+                piece = jax_pieces(entry, reader.read(entry.torch_key), shapes)[which].astype(stored[path], copy=False)
             if counter is not None and path == entry.jax_paths[0]:
                 next(counter, None)
             yield piece if entry.layer is None else piece[None]

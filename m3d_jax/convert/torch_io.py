@@ -78,13 +78,17 @@ class _SafetensorsFile:
                     f"{path}: truncated file: tensor {key!r} ends at byte {self.data_start + end}, file has {size}"
                 )
             self.entries[key] = (shape, dtype, begin, end)
-    def read(self, key: str, index: int | None = None) -> np.ndarray:
-        """The tensor, or its slice `index` along axis 0, read into fresh memory (no mapping is kept, so
-        a process converting a checkpoint holds only the tensor at hand)."""
+    def read(self, key: str, index: int | slice | None = None) -> np.ndarray:
+        """The tensor, or its slice `index` (an int or a step-1 slice) along axis 0, read into fresh memory
+        (no mapping is kept, so a process converting a checkpoint holds only the tensor at hand)."""
         shape, dtype, begin, end = self.entries[key]
         if index is not None:
             row = (end - begin) // shape[0]
-            begin, end, shape = begin + index * row, begin + (index + 1) * row, shape[1:]
+            if isinstance(index, slice):
+                start, stop, _ = index.indices(shape[0])
+                begin, end, shape = begin + start * row, begin + stop * row, (stop - start, *shape[1:])
+            else:
+                begin, end, shape = begin + index * row, begin + (index + 1) * row, shape[1:]
         buffer = np.empty(end - begin, np.uint8)
         with open(self.path, "rb") as handle:
             handle.seek(self.data_start + begin)
@@ -114,7 +118,7 @@ class _BinFile:
         self.tensors = state
         self.entries = {k: (tuple(v.shape), _torch_to_numpy_dtype(v.dtype, path, k)) for k, v in state.items()}
 
-    def read(self, key: str, index: int | None = None) -> np.ndarray:
+    def read(self, key: str, index: int | slice | None = None) -> np.ndarray:
         import torch
 
         tensor = self.tensors[key] if index is None else self.tensors[key][index]
@@ -195,7 +199,7 @@ class CheckpointReader:
         shape, dtype = entries[key][:2]
         return TensorInfo(tuple(shape), dtype, file)
 
-    def read(self, key: str, index: int | None = None) -> np.ndarray:
+    def read(self, key: str, index: int | slice | None = None) -> np.ndarray:
         """The tensor `key` (or its slice `index` along axis 0), read one at a time."""
         return self._file(self._key_to_file[key]).read(key, index)
 
