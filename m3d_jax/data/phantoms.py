@@ -1,0 +1,110 @@
+"""A deterministic synthetic data set in the M3D-Data layouts: NIfTI volumes of a body ellipsoid with
+1–3 ellipsoid lesions of varied size, position and brightness, their masks, reports that describe them,
+closed and open VQA about them (answerable from the image), Decathlon-style segmentation lists and
+referring-segmentation rows. It is the embedded default for tests and the demo."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+SIDES = ("left", "right")
+COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+VQA_COLUMNS = ("Image Path", "Text", "Question Type", "Question", "Choice A", "Choice B", "Choice C", "Choice D",
+               "Answer", "Answer Choice")
+
+
+def _ellipsoid(shape, centre, radii) -> np.ndarray:
+    grids = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radii)) <= 1.0
+
+
+def make_case(rng: np.random.Generator, shape=(32, 64, 64)) -> dict:
+    """One phantom: volume [D, H, W] float32, lesion masks, and the facts the texts are built from."""
+    d, h, w = shape
+    volume = np.zeros(shape, np.float32)
+    body = _ellipsoid(shape, (d / 2, h / 2, w / 2), (d * 0.45, h * 0.42, w * 0.45))
+    volume[body] = 0.25
+    lesions = []
+    for _ in range(int(rng.integers(1, 4))):
+        side = SIDES[int(rng.integers(2))]
+        centre = (rng.uniform(0.3, 0.7) * d, rng.uniform(0.3, 0.7) * h,
+                  (rng.uniform(0.22, 0.4) if side == "left" else rng.uniform(0.6, 0.78)) * w)
+        radii = tuple(rng.uniform(0.06, 0.14) * n for n in shape)
+        region = _ellipsoid(shape, centre, radii) & body
+        brightness = float(rng.uniform(0.5, 1.0))
+        volume[region] = brightness
+        lesions.append(dict(side=side, mask=region, size=int(region.sum()), brightness=brightness))
+    volume += rng.normal(0, 0.01, shape).astype(np.float32) * body
+    largest = max(lesions, key=lambda lesion: lesion["size"])
+    brightest = max(lesions, key=lambda lesion: lesion["brightness"])
+    sides = sorted({lesion["side"] for lesion in lesions})
+    report = (f"There {'is' if len(lesions) == 1 else 'are'} {COUNT_WORDS[len(lesions)]} "
+              f"lesion{'s' if len(lesions) > 1 else ''} in the body, on the {' and '.join(sides)} side. "
+              f"The largest lesion is on the {largest['side']} side. The brightest lesion is on the "
+              f"{brightest['side']} side.")
+    return dict(volume=volume, lesions=lesions, largest=largest, brightest=brightest, report=report)
+
+
+def _closed_question(rng, question, answer, options, qtype):
+    choices = list(options)
+    rng.shuffle(choices)
+    letter = "ABCD"[choices.index(answer)]
+    return dict(zip(VQA_COLUMNS, ("", "", qtype, question, *choices, answer, letter)))
+
+
+def write_phantoms(root: str | Path, *, num_cases: int = 24, seed: int = 0, shape=(32, 64, 64)) -> Path:
+    """Writes the phantom set under `root` (Cap JSON, VQA CSVs, Seg Decathlon JSON, RefSeg CSV)."""
+    import nibabel as nib
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    splits = {"train": [], "validation": [], "test": []}
+    vqa_rows = {name: [] for name in splits}
+    seg_items = {"training": [], "test": []}
+    refseg_rows = []
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    for index in range(num_cases):
+        split = "train" if index < num_cases * 0.7 else "validation" if index < num_cases * 0.85 else "test"
+        case = make_case(rng, shape)
+        folder = root / "cases" / f"case_{index:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        # NIfTI stores (x, y, z) = (W, H, D).
+        nib.save(nib.Nifti1Image(case["volume"].transpose(2, 1, 0), affine), folder / "image.nii.gz")
+        union = np.zeros(shape, np.uint8)
+        for lesion in case["lesions"]:
+            union |= lesion["mask"].astype(np.uint8)
+        nib.save(nib.Nifti1Image(union.transpose(2, 1, 0), affine), folder / "lesion_mask.nii.gz")
+        (folder / "report.txt").write_text(case["report"])
+        image, text = f"cases/case_{index:04d}/image.nii.gz", f"cases/case_{index:04d}/report.txt"
+        splits[split].append({"image": image, "text": text})
+        count = len(case["lesions"])
+        for row in (
+            _closed_question(rng, "How many lesions are there?", COUNT_WORDS[count], ("one", "two", "three", "four"), 4),
+            _closed_question(rng, "On which side is the largest lesion?", case["largest"]["side"],
+                             ("left", "right", "middle", "none"), 5),
+            _closed_question(rng, "On which side is the brightest lesion?", case["brightest"]["side"],
+                             ("left", "right", "middle", "none"), 5),
+        ):
+            row.update({"Image Path": image, "Text": case["report"]})
+            vqa_rows[split].append(row)
+        seg_split = "test" if split == "test" else "training"
+        seg_items[seg_split].append({"image": image, "label": f"cases/case_{index:04d}/lesion_mask.nii.gz"})
+        refseg_rows.append({"Image": image, "Mask": f"cases/case_{index:04d}/lesion_mask.nii.gz", "Mask_ID": 1,
+                            "Question_Type": 0, "Question": "Please segment every lesion in this scan.",
+                            "Answer": "The lesions are at [SEG]."})
+    (root / "cap.json").write_text(json.dumps(splits, indent=1))
+    for split, rows in vqa_rows.items():
+        with open(root / f"vqa_{split}.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=VQA_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+    (root / "seg.json").write_text(json.dumps({"labels": {"0": "background", "1": "lesion"}, **seg_items}, indent=1))
+    with open(root / "refseg.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(refseg_rows[0]))
+        writer.writeheader()
+        writer.writerows(refseg_rows)
+    return root

@@ -1,0 +1,89 @@
+"""Grain random-access sources over the M3D-Data layouts. Records are light (paths and strings); files are
+opened by the transform, lazily, in the worker. Malformed lists fail with the file and row named."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+from m3d_jax.data.volume import VolumeError
+
+
+class _ListSource:
+    """A list of record dicts with the grain RandomAccessDataSource protocol (len, getitem, picklable)."""
+
+    def __init__(self, records: list[dict], description: str):
+        self.records = records
+        self.description = description
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.records[index]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.description}, {len(self.records)} records)"
+
+
+def _resolve(root: Path, relative: str, where: str) -> str:
+    path = root / relative
+    if not relative or not path.is_file():
+        raise VolumeError(f"{where}: file {relative!r} not found under {root}")
+    return str(path)
+
+
+class CaptionSource(_ListSource):
+    """M3D-Cap: JSON {"train"|"validation"|"test": [{"image": rel, "text": rel .txt}]} → image + report."""
+
+    def __init__(self, list_path: str | os.PathLike, split: str = "train", root: str | os.PathLike | None = None):
+        list_path = Path(list_path)
+        root = Path(root) if root is not None else list_path.parent
+        try:
+            entries = json.loads(list_path.read_text())[split]
+        except (OSError, json.JSONDecodeError, KeyError) as err:
+            raise VolumeError(f"{list_path}: cannot read split {split!r} ({type(err).__name__}: {err})") from None
+        records = []
+        for row, entry in enumerate(entries):
+            where = f"{list_path} [{split}][{row}]"
+            if not isinstance(entry, dict) or "image" not in entry or "text" not in entry:
+                raise VolumeError(f"{where}: expected {{'image': ..., 'text': ...}}, got {entry!r:.100}")
+            text = Path(_resolve(root, entry["text"], where)).read_text().strip()
+            records.append({"task": "caption", "image": _resolve(root, entry["image"], where), "answer": text})
+        super().__init__(records, f"{list_path}:{split}")
+
+
+class VQASource(_ListSource):
+    """M3D-VQA CSV. closed=True: "Q Choices: A. .. B. .. C. .. D. .." answered "X. answer"; else the raw
+    answer."""
+
+    COLUMNS = ("Image Path", "Question", "Choice A", "Choice B", "Choice C", "Choice D", "Answer", "Answer Choice")
+
+    def __init__(self, csv_path: str | os.PathLike, closed: bool = True, root: str | os.PathLike | None = None):
+        csv_path = Path(csv_path)
+        root = Path(root) if root is not None else csv_path.parent
+        try:
+            with open(csv_path, newline="") as handle:
+                rows = list(csv.DictReader(handle))
+        except OSError as err:
+            raise VolumeError(f"{csv_path}: cannot read ({err})") from None
+        records = []
+        for number, row in enumerate(rows, start=2):  # line 1 is the header
+            where = f"{csv_path} line {number}"
+            missing = [c for c in self.COLUMNS if not (row.get(c) or "").strip()]
+            if missing:
+                raise VolumeError(f"{where}: empty or missing columns {missing}")
+            if closed:
+                letter = row["Answer Choice"].strip()
+                if letter not in "ABCD" or len(letter) != 1:
+                    raise VolumeError(f"{where}: Answer Choice {letter!r} is not one of A, B, C, D")
+                options = " ".join(f"{c}. {row[f'Choice {c}'].strip()}" for c in "ABCD")
+                question, answer = f"{row['Question'].strip()} Choices: {options}", f"{letter}. {row['Answer'].strip()}"
+            else:
+                question, answer = row["Question"].strip(), row["Answer"].strip()
+            records.append({"task": "vqa_closed" if closed else "vqa_open",
+                            "image": _resolve(root, row["Image Path"].strip(), where),
+                            "question": question, "answer": answer, "choice": row["Answer Choice"].strip()})
+        super().__init__(records, f"{csv_path}:{'closed' if closed else 'open'}")

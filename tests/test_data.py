@@ -1,0 +1,126 @@
+"""Phantoms, M3D-Data sources, augmentation, tokenization and the Grain pipeline's determinism/resume."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from conftest import word_tokenizer
+from m3d_jax.data.augment import augment, record_rng
+from m3d_jax.data.phantoms import write_phantoms
+from m3d_jax.data.pipeline import SampleSpec, lamed_dataset
+from m3d_jax.data.prompts import box_from_mask, box_text, tokenize_sample
+from m3d_jax.data.sources import CaptionSource, VQASource
+from m3d_jax.data.volume import VolumeError, load_volume
+from m3d_jax.tokenizer import add_lamed_tokens
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    return write_phantoms(tmp_path_factory.mktemp("phantoms"), num_cases=10, seed=3, shape=(16, 32, 32))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    tok = word_tokenizer(tmp_path_factory.mktemp("tok"), 256)
+    add_lamed_tokens(tok)
+    return tok
+
+
+def test_phantoms_are_deterministic_and_answerable(tmp_path, phantoms):
+    again = write_phantoms(tmp_path, num_cases=10, seed=3, shape=(16, 32, 32))
+    assert (again / "cap.json").read_text() == (phantoms / "cap.json").read_text()
+    np.testing.assert_array_equal(load_volume(again / "cases/case_0004/image.nii.gz").array,
+                                  load_volume(phantoms / "cases/case_0004/image.nii.gz").array)
+    from scipy import ndimage
+
+    words = {"one": 1, "two": 2, "three": 3}
+    for record in VQASource(phantoms / "vqa_train.csv", closed=False).records:
+        mask = load_volume(record["image"].replace("image.nii.gz", "lesion_mask.nii.gz")).array[0] > 0
+        if record["question"].startswith("How many"):
+            components = ndimage.label(mask)[1]
+            assert 1 <= components <= words[record["answer"]]  # touching lesions may merge
+        else:  # "On which side is the largest / brightest lesion?": lesion voxels lie on that side
+            width = mask.shape[2]
+            half = mask[:, :, : width // 2] if record["answer"] == "left" else mask[:, :, width // 2:]
+            assert half.any(), record
+
+
+def test_sources_parse_layouts_and_name_bad_rows(phantoms, tmp_path):
+    captions = CaptionSource(phantoms / "cap.json", "train")
+    assert len(captions) == 7 and captions[0]["answer"].startswith("There ")
+    closed = VQASource(phantoms / "vqa_train.csv")
+    assert closed[0]["question"].endswith(tuple(f"D. {w}" for w in ("one", "two", "three", "four", "left", "right",
+                                                                   "middle", "none")))
+    assert closed[0]["answer"][:3] in ("A. ", "B. ", "C. ", "D. ")
+    assert VQASource(phantoms / "vqa_train.csv", closed=False)[0]["answer"] in ("one", "two", "three", "left", "right")
+    bad = (phantoms / "vqa_train.csv").read_text().splitlines()
+    bad[2] = bad[2].replace("cases/", "missing/", 1)
+    (tmp_path / "bad.csv").write_text("\n".join(bad))
+    (tmp_path / "cases").symlink_to(phantoms / "cases")
+    with pytest.raises(VolumeError, match=r"bad\.csv line 3: file 'missing/.*' not found"):
+        VQASource(tmp_path / "bad.csv")
+
+
+def test_augmentation_is_seeded_and_co_transforms_masks():
+    image = np.random.default_rng(0).random((1, 8, 16, 16)).astype(np.float32)
+    mask = (image > 0.7).astype(np.uint8)
+    outs = [augment(image, mask, record_rng(7, 1, index)) for index in range(40)]
+    again = augment(image, mask, record_rng(7, 1, 5))
+    np.testing.assert_array_equal(again[0], outs[5][0])
+    assert any(not np.array_equal(out[0].shape, image.shape) or not np.allclose(out[0], image) for out in outs)
+    for out_image, out_mask in outs:
+        # Intensity changes are affine (a·x + b), so the mask still marks the same voxels' ranking.
+        bright = out_image > np.quantile(out_image, 1 - mask.mean())
+        assert (bright == (out_mask > 0)).mean() > 0.99
+
+
+def test_tokenized_sample_masks_prompt_and_padding(tokenizer):
+    sample = tokenize_sample(tokenizer, "w5 w6", "w7 w8", proj_out_num=4, max_length=14, image_token_id=256)
+    ids, labels = sample.input_ids.tolist(), sample.labels.tolist()
+    assert ids[:5] == [1, 256, 256, 256, 256] and ids[5:7] == [5, 6]
+    assert ids[7:10] == [7, 8, 2] and labels[7:10] == [7, 8, 2]  # answer + EOS supervised
+    assert labels[:7] == [-100] * 7 and labels[10:] == [-100] * 4 and sample.attention_mask.sum() == 10
+    assert box_text([0.1234, 0, 0.5, 0.25, 1, 0.75]) == "<bx_start>[0.123, 0.0, 0.5, 0.25, 1.0, 0.75]<bx_end>"
+    mask = np.zeros((10, 20, 20))
+    mask[2:5, 4:9, 10:20] = 1
+    assert box_from_mask(mask) == [0.2, 0.2, 0.5, 0.4, 0.4, 0.95]
+
+
+def _batches(dataset, count, state=None):
+    iterator = iter(dataset.to_iter_dataset())
+    if state is not None:
+        iterator.set_state(state)
+    return [next(iterator) for _ in range(count)], iterator.get_state()
+
+
+def test_pipeline_is_deterministic_and_resumes_exactly(phantoms, tokenizer):
+    spec = SampleSpec(image_size=(16, 32, 32), proj_out_num=4, image_token_id=256, max_length=48)
+    source = VQASource(phantoms / "vqa_train.csv")
+    make = lambda seed: lamed_dataset(source, tokenizer, spec, seed=seed, batch_size=2)  # noqa: E731
+    first, _ = _batches(make(0), 6)
+    second, _ = _batches(make(0), 6)
+    for a, b in zip(first, second):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    other, _ = _batches(make(1), 6)
+    assert any(not np.array_equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, other))
+    head, state = _batches(make(0), 4)
+    resumed, _ = _batches(make(0), 2, state)
+    for a, b in zip(resumed, first[4:]):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    assert first[0]["images"].shape == (2, 1, 16, 32, 32) and first[0]["input_ids"].shape == (2, 48)
+    assert np.isfinite(np.stack([b["images"] for b in first])).all()
+
+
+def test_process_shards_are_disjoint_and_cover_the_epoch(phantoms):
+    source = CaptionSource(phantoms / "cap.json", "train")
+    import grain.python as grain
+
+    shards = [list(grain.MapDataset.source(source)[i::2]) for i in range(2)]
+    images = [[r["image"] for r in shard] for shard in shards]
+    assert not set(images[0]) & set(images[1])
+    assert sorted(images[0] + images[1]) == sorted(r["image"] for r in source.records)
