@@ -124,3 +124,111 @@ def test_process_shards_are_disjoint_and_cover_the_epoch(phantoms):
     images = [[r["image"] for r in shard] for shard in shards]
     assert not set(images[0]) & set(images[1])
     assert sorted(images[0] + images[1]) == sorted(r["image"] for r in source.records)
+
+
+SPEC = SampleSpec(image_size=(16, 32, 32), proj_out_num=4, image_token_id=256, max_length=48)
+
+
+def test_seg_refseg_and_positioning_samples(phantoms, tokenizer):
+    from m3d_jax.data.pipeline import LamedTransform
+    from m3d_jax.data.sources import RefSegSource, SegSource
+
+    seg = SegSource(phantoms / "seg.json", "training")
+    assert len(seg) == 9 and seg[0]["target"] == "lesion" and seg[0]["mask_value"] == 1  # 9 non-test cases
+    transform = LamedTransform(tokenizer, dataclasses.replace(SPEC, augment=None), seed=0, epoch_length=len(seg))
+    sample = transform(0, seg[0])
+    text = tokenizer.decode(sample["input_ids"][sample["attention_mask"] > 0])
+    assert "[SEG]" in text and sample["seg_masks"].sum() > 0
+    assert set(np.unique(sample["seg_masks"])) <= {0.0, 1.0}
+    rec = transform(0, {**SegSource(phantoms / "seg.json", "training", task="rec")[0]})
+    rec_text = tokenizer.decode(rec["input_ids"][rec["labels"] != -100])
+    assert "<bx_start>" in rec_text and rec["seg_masks"].sum() == 0
+    reg = transform(0, SegSource(phantoms / "seg.json", "training", task="reg")[0])
+    prompt_part = reg["input_ids"][(reg["labels"] == -100) & (reg["attention_mask"] > 0)]
+    assert 257 in prompt_part and 258 in prompt_part  # <bx_start> ... <bx_end> in the question
+    refseg = RefSegSource(phantoms / "refseg.csv")
+    assert transform(0, refseg[0])["seg_masks"].sum() > 0
+
+
+def test_mixture_and_multiprocess_prefetch_give_the_same_batches(phantoms, tokenizer):
+    from absl import flags
+
+    from m3d_jax.data.pipeline import iterate, lamed_samples, mix
+    from m3d_jax.data.sources import SegSource
+
+    flags.FLAGS(["test"])  # grain reads absl flags
+    vqa = lamed_samples(VQASource(phantoms / "vqa_train.csv"), tokenizer, SPEC, seed=0)
+    seg = lamed_samples(SegSource(phantoms / "seg.json", "training"), tokenizer, SPEC, seed=1)
+    mixed = mix([vqa, seg], [0.75, 0.25]).batch(4, drop_remainder=True)
+    local = iterate(mixed)
+    expected = [next(local) for _ in range(3)]
+    assert expected[0]["seg_masks"].shape == (4, 1, 16, 32, 32)
+    workers = iterate(mixed, workers=2)
+    got = [next(workers) for _ in range(3)]
+    for a, b in zip(expected, got):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    del workers
+
+
+def test_batches_become_global_arrays(phantoms, tokenizer):
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from m3d_jax.data.pipeline import to_global_arrays
+
+    batch = next(iter(lamed_dataset(VQASource(phantoms / "vqa_train.csv"), tokenizer, SPEC, seed=0,
+                                    batch_size=2).to_iter_dataset()))
+    mesh = jax.make_mesh((len(jax.devices()),), ("data",))
+    arrays = to_global_arrays(batch, NamedSharding(mesh, PartitionSpec("data")))
+    np.testing.assert_array_equal(np.asarray(arrays["input_ids"]), batch["input_ids"])
+
+
+def _bad_inputs(root):
+    """(file, record change, expected message) for each kind of bad input."""
+    import gzip
+
+    import nibabel as nib
+
+    cases = []
+    (root / "corrupt.nii.gz").write_bytes(gzip.compress(b"x" * 400)[:50])
+    cases.append(("corrupt.nii.gz", {}, r"corrupt\.nii\.gz: cannot read NIfTI"))
+    np.save(root / "trunc.npy", np.zeros((1, 16, 32, 32), np.float32))
+    (root / "trunc.npy").write_bytes((root / "trunc.npy").read_bytes()[:300])
+    cases.append(("trunc.npy", {}, r"trunc\.npy: cannot read \.npy"))
+    np.save(root / "rank.npy", np.zeros((4, 4), np.float32))
+    cases.append(("rank.npy", {}, r"rank\.npy: expected \[C, D, H, W\]"))
+    np.save(root / "channels.npy", np.ones((3, 16, 32, 32), np.float32))
+    cases.append(("channels.npy", {}, r"channels\.npy: 3 channels, the model takes 1"))
+    nan = np.ones((1, 16, 32, 32), np.float32)
+    nan[0, 3, 3, 3] = np.nan
+    np.save(root / "nan.npy", nan)
+    cases.append(("nan.npy", {}, r"nan\.npy: volume contains NaN or Inf"))
+    np.save(root / "complex.npy", np.ones((1, 16, 32, 32), np.complex64))
+    cases.append(("complex.npy", {}, r"complex\.npy: unsupported voxel dtype complex64"))
+    np.save(root / "ok.npy", np.random.default_rng(0).random((1, 16, 32, 32)).astype(np.float32))
+    cases.append(("ok.npy", {"question": " ".join(["w9"] * 60)}, r"ok\.npy: prompt of \d+ tokens does not fit"))
+    np.save(root / "small_mask.npy", np.ones((1, 8, 32, 32), np.float32))
+    cases.append(("ok.npy", {"task": "refseg", "mask": str(root / "small_mask.npy"), "mask_value": 1},
+                  r"small_mask\.npy: mask shape \(1, 8, 32, 32\) does not match image .*ok\.npy"))
+    del nib
+    return cases
+
+
+def test_each_bad_input_names_the_file_or_is_counted_when_skipping(tmp_path, tokenizer):
+    from m3d_jax.data.pipeline import LamedTransform, RecordError, skipped_records
+    from m3d_jax.data.sources import _ListSource
+
+    cases = _bad_inputs(tmp_path)
+    strict = LamedTransform(tokenizer, SPEC, seed=0, epoch_length=1)
+    for name, change, message in cases:
+        record = {"task": "vqa_open", "image": str(tmp_path / name), "question": "w5", "answer": "w6", **change}
+        with pytest.raises((VolumeError, RecordError), match=message):
+            strict(0, record)
+    good = {"task": "vqa_open", "image": str(tmp_path / "ok.npy"), "question": "w5", "answer": "w6"}
+    records = [good] + [{**good, "image": str(tmp_path / n), **c} for n, c, _ in cases] + [good]
+    before = sum(skipped_records().values())
+    lenient = dataclasses.replace(SPEC, skip_bad_records=True)
+    batches = list(lamed_dataset(_ListSource(records, "bad"), tokenizer, lenient, seed=0, batch_size=2, num_epochs=1))
+    assert sum(skipped_records().values()) - before == len(cases)
+    assert len(batches) == 1 and np.isfinite(batches[0]["images"]).all()

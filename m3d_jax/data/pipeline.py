@@ -5,14 +5,19 @@ batch."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import grain.python as grain
 import numpy as np
+from absl import logging
 
 from m3d_jax.data.augment import AugmentConfig, augment, record_rng
-from m3d_jax.data.prompts import CAPTION_PROMPTS, choose, tokenize_sample
-from m3d_jax.data.volume import load_volume, preprocess
+from m3d_jax.data.prompts import (
+    CAPTION_PROMPTS, REC_PROMPTS, REG_PROMPTS, SEGMENT_ANSWERS, SEGMENT_PROMPTS, box_from_mask, box_text, choose,
+    tokenize_sample,
+)
+from m3d_jax.data.volume import VolumeError, load_volume, prepare, prepare_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,11 +26,39 @@ class SampleSpec:
     proj_out_num: int
     image_token_id: int
     max_length: int
+    in_channels: int = 1
     augment: AugmentConfig | None = AugmentConfig()
+    window: tuple[float, float] | None = None  # CT (level, width) before min-max; None = M3D's plain min-max
+    skip_bad_records: bool = False
+
+
+class RecordError(ValueError):
+    """A record cannot be turned into a sample; the message names the file and the problem."""
+
+
+_SKIPPED: collections.Counter = collections.Counter()
+
+
+def skipped_records() -> dict[str, int]:
+    """Records skipped in this process so far (with skip_bad_records), by reason."""
+    return dict(_SKIPPED)
+
+
+def _load_mask(record: dict, image_shape: tuple[int, ...]) -> np.ndarray:
+    mask = load_volume(record["mask"]).array
+    if mask.shape[1:] == (1, 1, 1) and not mask.any():  # M3D-Seg stores an absent class as [1,1,1,1] zeros
+        return np.zeros((1, *image_shape[1:]), np.float32)
+    if mask.shape[1:] != image_shape[1:]:
+        raise RecordError(f"{record['mask']}: mask shape {mask.shape} does not match image {record['image']} "
+                          f"shape {image_shape}")
+    value = record.get("mask_value")
+    return ((mask == value) if value is not None else (mask > 0)).astype(np.float32)[:1]
 
 
 class LamedTransform:
-    """(index, record) → dict(images [1,D,H,W], input_ids, attention_mask, labels [L]); picklable."""
+    """(index, record) → dict(images [C,D,H,W], seg_masks [1,D,H,W], input_ids, attention_mask, labels [L]);
+    picklable. With `spec.skip_bad_records`, a bad record becomes None (dropped and counted) instead of
+    raising a RecordError / VolumeError that names its file."""
 
     def __init__(self, tokenizer, spec: SampleSpec, seed: int, epoch_length: int):
         self.tokenizer = tokenizer
@@ -33,24 +66,101 @@ class LamedTransform:
         self.seed = seed
         self.epoch_length = epoch_length
 
-    def __call__(self, index: int, record: dict) -> dict[str, np.ndarray]:
+    def __call__(self, index: int, record: dict) -> dict[str, np.ndarray] | None:
+        try:
+            return self._sample(index, record)
+        except (VolumeError, RecordError) as err:
+            if not self.spec.skip_bad_records:
+                raise
+            reason = type(err).__name__
+            _SKIPPED[reason] += 1
+            logging.warning("skipping record %d (%s): %s", index, record.get("image"), err)
+            return None
+
+    def _sample(self, index: int, record: dict) -> dict[str, np.ndarray]:
+        spec = self.spec
         epoch, position = divmod(index, self.epoch_length)
         rng = record_rng(self.seed, epoch, position)
-        image = preprocess(load_volume(record["image"]).array, self.spec.image_size)
-        if self.spec.augment is not None:
-            image, _ = augment(image, None, rng, self.spec.augment)
-        question = record.get("question") or choose(CAPTION_PROMPTS, rng)
-        sample = tokenize_sample(self.tokenizer, question, record["answer"], proj_out_num=self.spec.proj_out_num,
-                                 max_length=self.spec.max_length, image_token_id=self.spec.image_token_id)
-        return {"images": image.astype(np.float32), "input_ids": sample.input_ids,
-                "attention_mask": sample.attention_mask, "labels": sample.labels}
+        volume = load_volume(record["image"]).array
+        if volume.shape[0] != spec.in_channels:
+            raise RecordError(f"{record['image']}: {volume.shape[0]} channels, the model takes {spec.in_channels}")
+        image, geometry = prepare(volume, spec.image_size, spec.window)
+        mask = prepare_mask(_load_mask(record, volume.shape), geometry) if "mask" in record else None
+        if spec.augment is not None:
+            image, mask = augment(image, mask, rng, spec.augment)
+        question, answer = self._texts(record, mask, rng)
+        try:
+            sample = tokenize_sample(self.tokenizer, question, answer, proj_out_num=spec.proj_out_num,
+                                     max_length=spec.max_length, image_token_id=spec.image_token_id)
+        except ValueError as err:
+            raise RecordError(f"{record['image']}: {err}") from None
+        seg = mask if mask is not None and record["task"] in ("seg", "refseg") else np.zeros((1, *image.shape[1:]))
+        return {"images": image.astype(np.float32), "seg_masks": seg.astype(np.float32),
+                "input_ids": sample.input_ids, "attention_mask": sample.attention_mask, "labels": sample.labels}
+
+    @staticmethod
+    def _texts(record: dict, mask: np.ndarray | None, rng: np.random.Generator) -> tuple[str, str]:
+        task = record["task"]
+        if task in ("caption", "vqa_closed", "vqa_open", "refseg"):
+            return record.get("question") or choose(CAPTION_PROMPTS, rng), record["answer"]
+        target = record["target"]
+        if task == "seg":
+            return choose(SEGMENT_PROMPTS, rng, target=target), choose(SEGMENT_ANSWERS, rng, target=target)
+        if not mask.any():
+            raise RecordError(f"{record['mask']}: empty mask for {target!r}; no box to ask or answer about")
+        box = box_text(box_from_mask(mask[0]))
+        if task == "rec":
+            return choose(REC_PROMPTS, rng, target=target), f"It is at {box}."
+        return choose(REG_PROMPTS, rng, box=box), f"It is the {target}."
 
 
-def lamed_dataset(source, tokenizer, spec: SampleSpec, *, seed: int, batch_size: int, num_epochs: int | None = None,
+def _is_sample(sample) -> bool:
+    return sample is not None
+
+
+def lamed_samples(source, tokenizer, spec: SampleSpec, *, seed: int, num_epochs: int | None = None,
                   shard_index: int = 0, shard_count: int = 1) -> grain.MapDataset:
-    """Batched dataset over this process's shard (records shard_index, shard_index + shard_count, ...)."""
+    """Unbatched samples of this process's shard (records shard_index, shard_index + shard_count, ...),
+    reshuffled every epoch; `num_epochs=None` repeats forever."""
     dataset = grain.MapDataset.source(source)[shard_index::shard_count]
     epoch_length = len(dataset)
     dataset = dataset.shuffle(seed=seed).repeat(num_epochs)
     dataset = dataset.map_with_index(LamedTransform(tokenizer, spec, seed, epoch_length))
-    return dataset.batch(batch_size, drop_remainder=True)
+    return dataset.filter(_is_sample) if spec.skip_bad_records else dataset
+
+
+def lamed_dataset(source, tokenizer, spec: SampleSpec, *, seed: int, batch_size: int, num_epochs: int | None = None,
+                  shard_index: int = 0, shard_count: int = 1) -> grain.MapDataset | grain.IterDataset:
+    """Fixed-shape batches of `lamed_samples` (the last partial batch is dropped). With skip_bad_records
+    the batching happens on an IterDataset, since dropped records make positions unknowable up front."""
+    samples = lamed_samples(source, tokenizer, spec, seed=seed, num_epochs=num_epochs, shard_index=shard_index,
+                            shard_count=shard_count)
+    if spec.skip_bad_records:
+        samples = samples.to_iter_dataset()
+    return samples.batch(batch_size, drop_remainder=True)
+
+
+def mix(datasets, weights) -> grain.MapDataset:
+    """Weighted mixture of unbatched sample datasets (e.g. Cap, VQA, Seg) in a fixed interleaving."""
+    return grain.MapDataset.mix(list(datasets), list(weights))
+
+
+def iterate(dataset: grain.MapDataset | grain.IterDataset, *, workers: int = 0, state: dict | None = None):
+    """An iterator over `dataset`, read by `workers` prefetching processes (0 = in this process), optionally
+    resumed from a state returned by the iterator's `get_state()` (a JSON-able dict: save it with the train
+    state). Worker processes are spawned: call this under `if __name__ == "__main__":`."""
+    iter_dataset = dataset.to_iter_dataset() if isinstance(dataset, grain.MapDataset) else dataset
+    if workers > 0:
+        iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    iterator = iter(iter_dataset)
+    if state is not None:
+        iterator.set_state(state)
+    return iterator
+
+
+def to_global_arrays(batch: dict[str, np.ndarray], sharding) -> dict:
+    """This process's part of a batch → global jax Arrays laid out by `sharding` (e.g. a NamedSharding over
+    the data axes); each process passes only its own rows."""
+    import jax
+
+    return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in batch.items()}

@@ -87,3 +87,67 @@ class VQASource(_ListSource):
                             "image": _resolve(root, row["Image Path"].strip(), where),
                             "question": question, "answer": answer, "choice": row["Answer Choice"].strip()})
         super().__init__(records, f"{csv_path}:{'closed' if closed else 'open'}")
+
+
+class SegSource(_ListSource):
+    """M3D-Seg / Decathlon JSON {"labels": {"1": name, ...}, "training"|"test": [{"image", "label"}]}, one
+    record per case and class. "label" is a label map (value = class id) or a folder of M3D's per-class
+    masks mask_{k}.npy (k = the class's position in the label list without background).
+
+    task: "seg" (answer with [SEG]), "rec" (answer with the box) or "reg" (question with the box)."""
+
+    def __init__(self, list_path: str | os.PathLike, split: str = "training", task: str = "seg",
+                 root: str | os.PathLike | None = None):
+        if task not in ("seg", "rec", "reg"):
+            raise ValueError(f"task must be seg, rec or reg, got {task!r}")
+        list_path = Path(list_path)
+        root = Path(root) if root is not None else list_path.parent
+        try:
+            data = json.loads(list_path.read_text())
+            labels = {int(k): v for k, v in data["labels"].items() if int(k) != 0}
+            entries = data[split]
+        except (OSError, json.JSONDecodeError, KeyError, ValueError) as err:
+            raise VolumeError(f"{list_path}: cannot read labels / split {split!r} ({type(err).__name__}: {err})") from None
+        records = []
+        for row, entry in enumerate(entries):
+            where = f"{list_path} [{split}][{row}]"
+            if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+                raise VolumeError(f"{where}: expected {{'image': ..., 'label': ...}}, got {entry!r:.100}")
+            image = _resolve(root, entry["image"], where)
+            label = root / entry["label"]
+            for position, (class_id, name) in enumerate(sorted(labels.items())):
+                if label.is_dir():
+                    mask, value = _resolve(label, f"mask_{position}.npy", where), None
+                else:
+                    mask, value = _resolve(root, entry["label"], where), class_id
+                records.append({"task": task, "image": image, "mask": mask, "mask_value": value, "target": name})
+        super().__init__(records, f"{list_path}:{split}:{task}")
+
+
+class RefSegSource(_ListSource):
+    """M3D-RefSeg CSV (Image, Mask, Mask_ID, Question_Type, Question, Answer): the mask is Mask == Mask_ID."""
+
+    COLUMNS = ("Image", "Mask", "Mask_ID", "Question", "Answer")
+
+    def __init__(self, csv_path: str | os.PathLike, root: str | os.PathLike | None = None):
+        csv_path = Path(csv_path)
+        root = Path(root) if root is not None else csv_path.parent
+        try:
+            with open(csv_path, newline="") as handle:
+                rows = list(csv.DictReader(handle))
+        except OSError as err:
+            raise VolumeError(f"{csv_path}: cannot read ({err})") from None
+        records = []
+        for number, row in enumerate(rows, start=2):
+            where = f"{csv_path} line {number}"
+            missing = [c for c in self.COLUMNS if not (row.get(c) or "").strip()]
+            if missing:
+                raise VolumeError(f"{where}: empty or missing columns {missing}")
+            try:
+                value = int(float(row["Mask_ID"]))
+            except ValueError:
+                raise VolumeError(f"{where}: Mask_ID {row['Mask_ID']!r} is not an integer") from None
+            records.append({"task": "refseg", "image": _resolve(root, row["Image"].strip(), where),
+                            "mask": _resolve(root, row["Mask"].strip(), where), "mask_value": value,
+                            "question": row["Question"].strip(), "answer": row["Answer"].strip()})
+        super().__init__(records, str(csv_path))

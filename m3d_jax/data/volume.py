@@ -40,6 +40,7 @@ def load_volume(path: str | os.PathLike) -> Volume:
 
         try:
             image = nib.as_closest_canonical(nib.load(path))
+            _check_numeric(path, image.get_data_dtype())
             data = np.asarray(image.dataobj, dtype=np.float32)
         except (OSError, EOFError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError) as err:
             raise VolumeError(f"{path}: cannot read NIfTI volume ({type(err).__name__}: {err})") from None
@@ -50,9 +51,11 @@ def load_volume(path: str | os.PathLike) -> Volume:
         array, affine = data.transpose(2, 1, 0)[None], image.affine
     elif name.endswith(".npy"):
         try:
-            array = np.load(path, allow_pickle=False).astype(np.float32)
+            raw = np.load(path, allow_pickle=False)
         except (OSError, ValueError, EOFError) as err:
             raise VolumeError(f"{path}: cannot read .npy volume ({err})") from None
+        _check_numeric(path, raw.dtype)
+        array = raw.astype(np.float32)
         if array.ndim == 3:
             array = array[None]
         if array.ndim != 4:
@@ -63,6 +66,23 @@ def load_volume(path: str | os.PathLike) -> Volume:
     if not np.isfinite(array).all():
         raise VolumeError(f"{path}: volume contains NaN or Inf voxels")
     return Volume(array, affine, path)
+
+
+def _check_numeric(path: Path, dtype: np.dtype) -> None:
+    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating) or dtype == np.bool_):
+        raise VolumeError(f"{path}: unsupported voxel dtype {dtype} (need integer, float or bool)")
+
+
+def window(array: np.ndarray, level: float, width: float) -> np.ndarray:
+    """CT intensity windowing: clip to [level − width/2, level + width/2] (e.g. abdomen 40/400 HU)."""
+    return np.clip(array, level - width / 2, level + width / 2).astype(np.float32)
+
+
+def resize_nearest(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Nearest-neighbour resize of [C, D, H, W] (torch `interpolate(mode="nearest")` index rule)."""
+    index = [np.minimum((np.arange(new) * (old / new)).astype(np.int64), old - 1)
+             for old, new in zip(mask.shape[1:], size)]
+    return mask[(slice(None), *np.ix_(*index))]
 
 
 def min_max(array: np.ndarray) -> np.ndarray:
@@ -127,8 +147,19 @@ class Geometry:
         return out
 
 
-def prepare(array: np.ndarray, size: Sequence[int]) -> tuple[np.ndarray, Geometry]:
-    """`preprocess` plus the geometry needed to map boxes and masks back to the input volume."""
+def prepare_mask(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """A mask [C, D, H, W] on the input grid → the model grid of `prepare`'s image (same crop, nearest)."""
+    if tuple(mask.shape[1:]) != geometry.original_shape:
+        raise VolumeError(f"mask shape {tuple(mask.shape[1:])} does not match the image's {geometry.original_shape}")
+    return resize_nearest(mask[(slice(None), *geometry.box)], geometry.model_shape)
+
+
+def prepare(array: np.ndarray, size: Sequence[int], window_level_width: tuple[float, float] | None = None
+            ) -> tuple[np.ndarray, Geometry]:
+    """`preprocess` plus the geometry needed to map boxes and masks back to the input volume; optional
+    CT windowing (level, width) before the min-max scaling."""
+    if window_level_width is not None:
+        array = window(array, *window_level_width)
     scaled = min_max(array)
     box = foreground_box(scaled)
     image = resize_trilinear(scaled[(slice(None), *box)], size)
