@@ -35,6 +35,20 @@ def _resolve(root: Path, relative: str, where: str) -> str:
     return str(path)
 
 
+def _read_csv(csv_path: Path) -> list[dict]:
+    try:
+        with open(csv_path, newline="") as handle:
+            return list(csv.DictReader(handle))
+    except OSError as err:
+        raise VolumeError(f"{csv_path}: cannot read ({err})") from None
+
+
+def _require(row: dict, columns: tuple[str, ...], where: str) -> None:
+    missing = [c for c in columns if not (row.get(c) or "").strip()]
+    if missing:
+        raise VolumeError(f"{where}: empty or missing columns {missing}")
+
+
 class CaptionSource(_ListSource):
     """M3D-Cap: JSON {"train"|"validation"|"test": [{"image": rel, "text": rel .txt}]} → image + report."""
 
@@ -64,17 +78,10 @@ class VQASource(_ListSource):
     def __init__(self, csv_path: str | os.PathLike, closed: bool = True, root: str | os.PathLike | None = None):
         csv_path = Path(csv_path)
         root = Path(root) if root is not None else csv_path.parent
-        try:
-            with open(csv_path, newline="") as handle:
-                rows = list(csv.DictReader(handle))
-        except OSError as err:
-            raise VolumeError(f"{csv_path}: cannot read ({err})") from None
         records = []
-        for number, row in enumerate(rows, start=2):  # line 1 is the header
+        for number, row in enumerate(_read_csv(csv_path), start=2):  # line 1 is the header
             where = f"{csv_path} line {number}"
-            missing = [c for c in self.COLUMNS if not (row.get(c) or "").strip()]
-            if missing:
-                raise VolumeError(f"{where}: empty or missing columns {missing}")
+            _require(row, self.COLUMNS, where)
             if closed:
                 letter = row["Answer Choice"].strip()
                 if letter not in "ABCD" or len(letter) != 1:
@@ -132,17 +139,10 @@ class RefSegSource(_ListSource):
     def __init__(self, csv_path: str | os.PathLike, root: str | os.PathLike | None = None):
         csv_path = Path(csv_path)
         root = Path(root) if root is not None else csv_path.parent
-        try:
-            with open(csv_path, newline="") as handle:
-                rows = list(csv.DictReader(handle))
-        except OSError as err:
-            raise VolumeError(f"{csv_path}: cannot read ({err})") from None
         records = []
-        for number, row in enumerate(rows, start=2):
+        for number, row in enumerate(_read_csv(csv_path), start=2):
             where = f"{csv_path} line {number}"
-            missing = [c for c in self.COLUMNS if not (row.get(c) or "").strip()]
-            if missing:
-                raise VolumeError(f"{where}: empty or missing columns {missing}")
+            _require(row, self.COLUMNS, where)
             try:
                 value = int(float(row["Mask_ID"]))
             except ValueError:
