@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from m3d_jax.layers import resize
+from m3d_jax import resize
 
 
 class VolumeError(ValueError):

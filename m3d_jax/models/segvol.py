@@ -20,7 +20,7 @@ from flax import nnx
 
 from m3d_jax.layers import Dense, LayerNorm, Mlp, attend
 from m3d_jax.layers.params import Buffer, DType, canonical_dtype, normal, param, zeros
-from m3d_jax.layers.resize import resize_trilinear
+from m3d_jax.resize import resize_trilinear
 from m3d_jax.models.vit3d import ViT3D, ViT3DConfig
 
 
