@@ -57,6 +57,8 @@ def test_benchmarks_run_at_small_sizes(tmp_path):
     assert re.search(r"^\s+1\s+[\d.]+\s+[\d.]+\s+[\d.]+x", vit, re.M), vit
     decode = _run("tools/bench/decode.py", "--layers=1", "--prompt_len=16", "--new_tokens=4", "--repeats=1")
     assert "greedy tokens identical to transformers: 100.0%" in decode, decode
+    data = _run("tools/bench/data.py", "--cases=8", "--shape=16,32,32")
+    assert re.search(r"reader threads\) [\d.]+ volumes/s = [\d.]+x", data), data
     convert = _run("tools/bench/convert.py", "--tiny", f"--dir={tmp_path / 'bench'}")
     assert re.search(r"^torch2jax\s+[\d.]+\s+\d+", convert, re.M), convert
 
