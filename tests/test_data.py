@@ -232,3 +232,20 @@ def test_each_bad_input_names_the_file_or_is_counted_when_skipping(tmp_path, tok
     batches = list(lamed_dataset(_ListSource(records, "bad"), tokenizer, lenient, seed=0, batch_size=2, num_epochs=1))
     assert sum(skipped_records().values()) - before == len(cases)
     assert len(batches) == 1 and np.isfinite(batches[0]["images"]).all()
+
+
+def test_iterator_state_round_trips_through_orbax(phantoms, tokenizer, tmp_path):
+    from m3d_jax.data.pipeline import iterate, load_iterator_state, save_iterator_state
+
+    dataset = lamed_dataset(VQASource(phantoms / "vqa_train.csv"), tokenizer, SPEC, seed=0, batch_size=2)
+    iterator = iterate(dataset)
+    uninterrupted = [next(iterator) for _ in range(5)]
+    iterator = iterate(dataset)
+    for _ in range(3):
+        next(iterator)
+    save_iterator_state(tmp_path / "data_state", iterator)
+    resumed = iterate(dataset, state=load_iterator_state(tmp_path / "data_state"))
+    for expected in uninterrupted[3:]:
+        got = next(resumed)
+        for key in expected:
+            np.testing.assert_array_equal(got[key], expected[key])

@@ -172,3 +172,19 @@ def to_global_arrays(batch: dict[str, np.ndarray], sharding) -> dict:
     import jax
 
     return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in batch.items()}
+
+
+def save_iterator_state(directory, iterator) -> None:
+    """Saves the iterator's position with Orbax (JSON) — put it next to the train state of the same step."""
+    import orbax.checkpoint as ocp
+
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+        checkpointer.save(os.path.abspath(directory), args=ocp.args.JsonSave(iterator.get_state()), force=True)
+
+
+def load_iterator_state(directory) -> dict:
+    """The state saved by `save_iterator_state`, for `iterate(..., state=...)`."""
+    import orbax.checkpoint as ocp
+
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+        return checkpointer.restore(os.path.abspath(directory), args=ocp.args.JsonRestore())
