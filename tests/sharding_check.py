@@ -1,0 +1,74 @@
+"""Run in a subprocess with 8 simulated CPU devices (tests/test_sharding.py): a tiny LaMed created
+sharded on several meshes gives the single-device loss and gradients, with every parameter laid out
+as the rules table says."""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from m3d_jax.layers.params import logical_axes  # noqa: E402
+from m3d_jax.models.decoder_presets import tiny_phi3  # noqa: E402
+from m3d_jax.models.lamed import Lamed, LamedConfig, lamed_loss  # noqa: E402
+from m3d_jax.models.vit3d import ViT3DConfig  # noqa: E402
+from m3d_jax.sharding import MeshConfig, batch_sharding, create_sharded, make_mesh, spec_for  # noqa: E402
+
+CONFIG = LamedConfig(vision=ViT3DConfig(image_size=(16, 64, 64), hidden_size=64, mlp_dim=128, num_layers=2,
+                                        num_heads=4),
+                     decoder=tiny_phi3(vocab_size=516), image_token_id=512, seg_token_id=515, seg_decoder_heads=4,
+                     seg_decoder_mlp_dim=96, seg_iou_head_hidden=32)
+
+
+def batch():
+    rng = np.random.default_rng(0)
+    ids = np.concatenate([np.ones((8, 1)), np.full((8, 8), 512), rng.integers(3, 500, (8, 7))], 1).astype(np.int32)
+    ids[:3, -2] = 515
+    masks = np.zeros((8, 1, 16, 64, 64), np.float32)
+    masks[:3, :, 4:10, 20:40, 10:30] = 1
+    return dict(images=rng.random((8, 1, 16, 64, 64), dtype=np.float32), input_ids=ids,
+                attention_mask=np.ones_like(ids), labels=np.where(np.arange(16) < 10, -100, ids), seg_masks=masks,
+                image_starts=np.ones(8, np.int32))
+
+
+def loss_and_grads(model, data):
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, data):
+        return jax.value_and_grad(lambda s: lamed_loss(nnx.merge(graphdef, s), data)[0])(state)
+
+    return run(state, data)
+
+
+def main(mesh_shapes):
+    make = lambda: Lamed(CONFIG, rngs=nnx.Rngs(0))  # noqa: E731
+    data = batch()
+    ref_loss, ref_grads = loss_and_grads(make(), {k: jnp.asarray(v) for k, v in data.items()})
+    ref_flat = dict(nnx.to_flat_state(ref_grads))
+    results = {}
+    for shape in mesh_shapes:
+        mesh = make_mesh(MeshConfig(*shape))
+        model = create_sharded(make, mesh)
+        wrong = []
+        for path, variable in nnx.to_flat_state(nnx.state(model)):
+            expected = spec_for(logical_axes(variable), variable.shape, mesh)
+            if variable[...].sharding.spec != expected:
+                wrong.append(f"{path}: {variable[...].sharding.spec} != {expected}")
+        sharded = {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in data.items()}
+        loss, grads = loss_and_grads(model, sharded)
+        grad_err = max(float(jnp.max(jnp.abs(g[...] - ref_flat[p][...]))) for p, g in nnx.to_flat_state(grads))
+        sharded_params = sum(1 for _, v in nnx.to_flat_state(nnx.state(model))
+                             if not v[...].sharding.is_fully_replicated)
+        results["x".join(map(str, shape))] = dict(loss_err=abs(float(loss) - float(ref_loss)), grad_err=grad_err,
+                                                  wrong=wrong, sharded_params=sharded_params)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main([tuple(int(x) for x in arg.split("x")) for arg in sys.argv[1:]])
