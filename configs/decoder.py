@@ -3,7 +3,8 @@
   phi3_mini_4k (M3D-LaMed-Phi-3-4B), phi3_mini_128k (Med-2E3, LongRoPE), llama2_7b (M3D-LaMed-Llama-2-7B),
   llama3_8b, llama3_1_8b (llama3 RoPE scaling), tiny_phi3 (tests).
 
-  python tools/generate.py --config=configs/decoder.py:tiny_phi3 --ckpt=HF_FOLDER --prompt="..."
+  from m3d_jax.models.decoder import DecoderConfig
+  DecoderConfig.from_dict(config.model)   # e.g. inside a training config
 
 Override fields as usual, e.g. `--config.model.dtype=bfloat16 --config.model.scan_layers=True`.
 """

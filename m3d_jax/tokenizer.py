@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from m3d_jax.data.prompts import bos_id
 from m3d_jax.models.decoder import Decoder
 from m3d_jax.models.lamed import ADDED_TOKENS
 
@@ -49,8 +50,8 @@ def lamed_prompt_ids(tokenizer, question: str, proj_out_num: int) -> list[int]:
     """BOS + <im_patch> × proj_out_num + question, tokenized as the released demo does."""
     ids = tokenizer("<im_patch>" * proj_out_num + question)["input_ids"]
     image_id = tokenizer.convert_tokens_to_ids("<im_patch>")
-    if ids[:1] == [image_id]:  # tokenizers without a BOS: keep the layout BOS-first anyway
-        ids = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.pad_token_id] + ids
+    if ids[:1] == [image_id]:  # tokenizers that add no BOS: keep the layout BOS-first anyway
+        ids = [bos_id(tokenizer)] + ids
     return ids
 
 

@@ -166,3 +166,18 @@ def test_missing_checkpoint_path_is_reported(tmp_path):
         CheckpointReader(tmp_path / "nope")
     with pytest.raises(CheckpointReadError, match="expected one checkpoint file or an index"):
         CheckpointReader(tmp_path)
+
+
+def test_corrupt_header_and_index_without_tensor_are_named(tmp_path):
+    import struct
+
+    header = b'[1, 2, 3]'
+    (tmp_path / "a.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(CheckpointReadError, match=r"a\.safetensors: corrupt safetensors header"):
+        CheckpointReader(tmp_path / "a.safetensors")
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    save_file({"x": torch.ones(2)}, str(folder / "part.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"y": "part.safetensors"}}))
+    with pytest.raises(CheckpointReadError, match=r"part\.safetensors: the index lists tensor 'y'"):
+        CheckpointReader(folder).read("y")

@@ -188,8 +188,6 @@ def _bad_inputs(root):
     """(file, record change, expected message) for each kind of bad input."""
     import gzip
 
-    import nibabel as nib
-
     cases = []
     (root / "corrupt.nii.gz").write_bytes(gzip.compress(b"x" * 400)[:50])
     cases.append(("corrupt.nii.gz", {}, r"corrupt\.nii\.gz: cannot read NIfTI"))
@@ -211,7 +209,6 @@ def _bad_inputs(root):
     np.save(root / "small_mask.npy", np.ones((1, 8, 32, 32), np.float32))
     cases.append(("ok.npy", {"task": "refseg", "mask": str(root / "small_mask.npy"), "mask_value": 1},
                   r"small_mask\.npy: mask shape \(1, 8, 32, 32\) does not match image .*ok\.npy"))
-    del nib
     return cases
 
 

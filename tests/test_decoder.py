@@ -239,3 +239,9 @@ def test_right_padded_prompts_are_rejected():
     model = Decoder(PRESETS["tiny_phi3"](), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="left-padded"):
         generate(model, np.array([[1, 5, 0]]), attention_mask=np.array([[1, 1, 0]]))
+
+
+def test_config_without_eos_writes_null():
+    config = PRESETS["tiny_phi3"](eos_token_ids=())
+    assert config.to_hf()["eos_token_id"] is None
+    assert DecoderConfig.from_hf(config.to_hf()).eos_token_ids == ()

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
+from transformers import LlamaConfig, Phi3Config, Phi3ForCausalLM
 
 from conftest import word_tokenizer
 from m3d_jax.convert.keymap import torch_shapes
@@ -23,9 +23,7 @@ from m3d_jax.convert.lamed import export_language_model, export_lamed, lamed_key
 from m3d_jax.convert.torch_io import CheckpointReader
 from m3d_jax.generate import SamplingConfig
 from m3d_jax.models.decoder_presets import llama2_7b, phi3_mini_4k
-from m3d_jax.models.lamed import (
-    Lamed, LamedConfig, causal_lm_loss, generate_lamed, image_token_starts, lamed_loss, segmentation_losses,
-)
+from m3d_jax.models.lamed import Lamed, LamedConfig, generate_lamed, image_token_starts, lamed_loss
 from m3d_jax.models.vit3d import ViT3DConfig
 from m3d_jax.tokenizer import add_lamed_tokens, lamed_prompt_ids, resize_token_embeddings
 from m3d_jax.parity.torch_reference import TorchLamed
@@ -281,3 +279,16 @@ def test_released_layout_errors_name_the_key(phi3_lamed, tmp_path):
     message = str(error.value)
     assert "missing keys: model.seg_module.mask_decoder.txt_align_upscaled_embedding.weight" in message
     assert "model.mm_projector.projector.2.weight (file model.safetensors: [64, 5], expected [64, 64])" in message
+
+
+def test_config_round_trips_and_names_unknown_keys(tmp_path):
+    from m3d_jax.tokenizer import load_lamed_tokenizer
+
+    med2e3_style = LamedConfig(vision=dataclasses.replace(VISION, select_final_norm=False), image_token_id=256,
+                               seg_token_id=259)
+    assert LamedConfig.from_hf(med2e3_style.to_hf()) == med2e3_style
+    with pytest.raises(ValueError, match=r"unknown LamedConfig keys \['proj_layers'\]"):
+        LamedConfig.from_dict({"proj_layers": 3})
+    word_tokenizer(tmp_path, 256)
+    tokenizer, ids = load_lamed_tokenizer(tmp_path)
+    assert (ids.image, ids.seg, len(tokenizer)) == (256, 259, VOCAB)

@@ -10,7 +10,6 @@ import sys
 import numpy as np
 import pytest
 
-from flax import nnx
 from safetensors.torch import save_file
 
 from conftest import TINY, make_monai_vit, prefixed_state_dict, word_tokenizer
@@ -122,6 +121,7 @@ def test_convert_checkpoint_decoder_and_bare_vit(tmp_path):
     _run("tools/convert_checkpoint.py", "torch2jax", str(tmp_path / "vit"), str(tmp_path / "vit_jax"))
     _run("tools/convert_checkpoint.py", "jax2torch", str(tmp_path / "vit_jax"), str(tmp_path / "vit_back"))
     _assert_same_tensors(tmp_path / "vit", tmp_path / "vit_back")
+    _run("tools/convert_checkpoint.py", "torch2jax", str(tmp_path / "vit_back"), str(tmp_path / "vit_jax2"))
 
 
 def test_parity_tool_passes_on_converted_weights_and_fails_on_a_perturbed_one(tmp_path):

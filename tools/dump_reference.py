@@ -34,6 +34,7 @@ def main(argv):
     import torch
 
     from m3d_jax.data.volume import load_volume, preprocess
+    from m3d_jax.models.lamed import LamedConfig
     from m3d_jax.parity.torch_reference import TorchLamed
 
     folder = Path(_CKPT.value)
@@ -45,8 +46,8 @@ def main(argv):
         image = preprocess(load_volume(_VOLUME.value).array, size)[None]
     else:
         image = rng.random((1, 1, *size), dtype=np.float32)
-    num_image_tokens = int(np.prod([s // p // hf.get("proj_pooling_size", 2) for s, p in zip(size, hf["patch_size"])]))
-    image_token_id = hf.get("img_token_id", hf["seg_token_id"] - 3)
+    config = LamedConfig.from_hf(hf)
+    num_image_tokens, image_token_id = config.proj_out_num, config.image_token_id
     if _QUESTION.value:
         from transformers import AutoTokenizer
 

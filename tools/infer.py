@@ -12,7 +12,6 @@ NIfTI); with a [SEG] in the answer the mask is written to --out_dir as NIfTI ali
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -28,7 +27,6 @@ _OUT_DIR = flags.DEFINE_string("out_dir", "infer_out", "Where masks and overlays
 
 def main(argv):
     del argv
-    import jax.numpy as jnp
     import numpy as np
     from transformers import AutoTokenizer
 
@@ -38,15 +36,10 @@ def main(argv):
     from m3d_jax.models.lamed import generate_lamed
     from m3d_jax.tokenizer import add_lamed_tokens, lamed_prompt_ids
 
+    from m3d_jax.convert.lamed import load_lamed_folder
+
     start = time.perf_counter()
-    if "m3d_jax_kind" in json.loads((Path(_CKPT.value) / "config.json").read_text()):
-        from m3d_jax.convert.checkpoint import load_jax
-
-        model = load_jax(_CKPT.value)
-    else:
-        from m3d_jax.convert.lamed import load_lamed
-
-        model, _ = load_lamed(_CKPT.value)
+    model = load_lamed_folder(_CKPT.value)
     tokenizer = AutoTokenizer.from_pretrained(_TOKENIZER.value or _CKPT.value)
     add_lamed_tokens(tokenizer)
     config = model.config

@@ -10,9 +10,7 @@ Exits 1 when any output is beyond its threshold.
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 from absl import app, flags
 
@@ -32,16 +30,10 @@ def main(argv):
     from m3d_jax.models.lamed import generate_lamed, shift_left
     from m3d_jax.parity.reference import differences, load_reference, mean_kl
 
+    from m3d_jax.convert.lamed import load_lamed_folder
+
     ref = load_reference(_REF.value)
-    hf = json.loads((Path(_CKPT.value) / "config.json").read_text())
-    if "m3d_jax_kind" in hf:
-        from m3d_jax.convert.checkpoint import load_jax
-
-        model = load_jax(_CKPT.value)
-    else:
-        from m3d_jax.convert.lamed import load_lamed
-
-        model, _ = load_lamed(_CKPT.value)
+    model = load_lamed_folder(_CKPT.value)
     images, ids = jnp.asarray(ref["image"]), jnp.asarray(ref["input_ids"].astype(np.int32))
     mask = jnp.asarray(ref.get("attention_mask", np.ones(ids.shape, np.int32)).astype(np.int32))
     out = model(images, ids, attention_mask=mask)

@@ -1,11 +1,11 @@
 """PyTorch ↔ JAX checkpoint conversion: streaming torch I/O, declarative key maps, per-model maps."""
 
 from m3d_jax.convert.keymap import (
-    CheckpointMismatchError, ConversionReport, KeyMap, Rule, iter_torch_tensors, load_model, read_state, write_state,
+    CheckpointMismatchError, ConversionReport, KeyMap, Rule, load_model, read_state, write_state,
 )
 from m3d_jax.convert.torch_io import CheckpointReadError, CheckpointReader, write_checkpoint
 
 __all__ = [
     "CheckpointMismatchError", "CheckpointReadError", "CheckpointReader", "ConversionReport", "KeyMap", "Rule",
-    "iter_torch_tensors", "load_model", "read_state", "write_checkpoint", "write_state",
+    "load_model", "read_state", "write_checkpoint", "write_state",
 ]

@@ -22,6 +22,7 @@ from flax import nnx
 
 from m3d_jax.convert.keymap import (
     ConversionReport, FusedLinear, KeyMap, _flat_values, _progress, _to_torch, check_checkpoint, jax_pieces,
+    piece_shapes,
 )
 from m3d_jax.convert.torch_io import CheckpointReadError, CheckpointReader, TensorSpec, write_checkpoint
 
@@ -68,6 +69,8 @@ def detect(folder: str | os.PathLike) -> tuple[ModelKind, Any]:
     if config_path is not None and config_path.is_file():
         hf = json.loads(config_path.read_text())
         name = hf.get(KIND_KEY)
+        if name is None and "vit3d" in hf:
+            name = "vit3d"
         if name is None:
             model_type = hf.get("model_type", "")
             name = "lamed" if model_type.startswith("lamed") else "decoder" if model_type in ("phi3", "llama") else None
@@ -120,9 +123,9 @@ def torch_to_jax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, 
         for entry in sorted(by_path[path], key=lambda e: -1 if e.layer is None else e.layer):
             which = entry.jax_paths.index(path)
             if isinstance(entry.transform, FusedLinear):  # read only this kernel's rows of the fused weight
-                piece_shapes = [shapes[p][1:] if entry.layer is not None else shapes[p] for p in entry.jax_paths]
-                rows = reader.read(entry.torch_key, entry.transform.rows(piece_shapes, which))
-                piece = entry.transform.part_to_jax(rows, piece_shapes[which]).astype(stored[path], copy=False)
+                shapes_of_pieces = piece_shapes(entry, shapes)
+                rows = reader.read(entry.torch_key, entry.transform.rows(shapes_of_pieces, which))
+                piece = entry.transform.part_to_jax(rows, shapes_of_pieces[which]).astype(stored[path], copy=False)
             else:
                 piece = jax_pieces(entry, reader.read(entry.torch_key), shapes)[which].astype(stored[path], copy=False)
             if counter is not None and path == entry.jax_paths[0]:
@@ -131,6 +134,8 @@ def torch_to_jax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, 
 
     hf = kind.config_to_hf(config) | {KIND_KEY: kind.name}
     write_checkpoint(dst, specs, produce, max_shard_bytes=max_shard_bytes, config=hf)
+    if progress:
+        bar.close()
     return ConversionReport(converted=len(entries), ignored=ignored)
 
 
@@ -162,6 +167,8 @@ def jax_to_torch(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, 
         return _to_torch(by_key[key], get, out_dtype[key])
 
     write_checkpoint(dst, specs, produce, max_shard_bytes=max_shard_bytes, config=hf)
+    if progress:
+        bar.close()
     return len(specs)
 
 

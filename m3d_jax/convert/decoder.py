@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+
+import numpy as np
 from pathlib import Path
 
 from flax import nnx
@@ -20,8 +22,8 @@ _MLP = "layers.mlp"
 _FLAT = Reshape(flatten=True)
 
 
-def decoder_keymap(config: DecoderConfig, prefix: str = "") -> KeyMap:
-    """torch ↔ JAX map of a Phi3ForCausalLM / LlamaForCausalLM state dict (keys under `prefix`)."""
+def decoder_keymap(config: DecoderConfig) -> KeyMap:
+    """torch ↔ JAX map of a Phi3ForCausalLM / LlamaForCausalLM state dict."""
     rules = [
         Rule("model.embed_tokens.weight", "embed_tokens.embedding"),
         Rule("model.layers.{layer}.input_layernorm.weight", "layers.input_layernorm.scale"),
@@ -56,7 +58,7 @@ def decoder_keymap(config: DecoderConfig, prefix: str = "") -> KeyMap:
         ignored.append(("lm_head.weight", "tied to model.embed_tokens.weight"))
     else:
         rules.append(Rule("lm_head.weight", "lm_head.kernel", LINEAR))
-    return KeyMap(f"decoder/{config.architecture}", tuple(rules), prefix=prefix, ignored=tuple(ignored))
+    return KeyMap(f"decoder/{config.architecture}", tuple(rules), ignored=tuple(ignored))
 
 
 def read_hf_config(folder: str | os.PathLike) -> dict:
@@ -82,6 +84,6 @@ def export_hf_decoder(
     config = model.config
     hf_config = config.to_hf()
     if dtype is not None:
-        hf_config["torch_dtype"] = str(dtype)
+        hf_config["torch_dtype"] = np.dtype(dtype).name
     return write_state(out_dir, decoder_keymap(config), nnx.state(model, nnx.Param), dtype=dtype,
                        config=hf_config, max_shard_bytes=max_shard_bytes)

@@ -13,7 +13,7 @@ import dataclasses
 import math
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -158,12 +158,6 @@ class KeyMap:
     prefix: str = ""
     ignored: tuple[tuple[str, str], ...] = ()  # (pattern with {layer}/*, reason), matched after the prefix
 
-    def with_prefix(self, prefix: str, name: str | None = None) -> KeyMap:
-        return dataclasses.replace(self, prefix=prefix + self.prefix, name=name or self.name)
-
-    def ignoring(self, *patterns: tuple[str, str]) -> KeyMap:
-        return dataclasses.replace(self, ignored=self.ignored + tuple(patterns))
-
     def nested(self, torch_prefix: str, jax_prefix: str) -> KeyMap:
         """The same map for a sub-module: torch keys under `torch_prefix`, JAX paths under `jax_prefix`
         (e.g. the ViT3D map as SegVol's `image_encoder.`). The own prefix is folded into the rules."""
@@ -258,10 +252,14 @@ def check_checkpoint(reader: CheckpointReader, keymap: KeyMap, entries: Sequence
     return ignored
 
 
+def piece_shapes(entry: Entry, shapes: Mapping[str, Shape]) -> list[Shape]:
+    """The shapes of `entry`'s JAX values: each parameter's, without the layer axis for stacked rules."""
+    return [shapes[p][1:] if entry.layer is not None else shapes[p] for p in entry.jax_paths]
+
+
 def jax_pieces(entry: Entry, tensor: np.ndarray, shapes: Mapping[str, Shape]) -> list[np.ndarray]:
     """The JAX values (one per path, per-layer slices for stacked rules) of one torch tensor."""
-    piece_shapes = [shapes[p][1:] if entry.layer is not None else shapes[p] for p in entry.jax_paths]
-    return entry.transform.to_jax(tensor, piece_shapes)
+    return entry.transform.to_jax(tensor, piece_shapes(entry, shapes))
 
 
 def read_state(
@@ -323,13 +321,6 @@ def _state_getter(values: Mapping[str, nnx.Variable]) -> Callable[[str, int | No
         return np.asarray(jax.device_get(value))
 
     return get
-
-
-def iter_torch_tensors(keymap: KeyMap, state: nnx.State, dtype: Any = None) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (torch key, array) for every tensor of the layout, one at a time, optionally cast."""
-    values = _flat_values(state)
-    for entry in keymap.expand({p: tuple(v.shape) for p, v in values.items()}):
-        yield entry.torch_key, _to_torch(entry, _state_getter(values), dtype)
 
 
 def write_state(

@@ -8,9 +8,10 @@ from pathlib import Path
 
 from flax import nnx
 
-from m3d_jax.convert.decoder import decoder_keymap, read_hf_config
+from m3d_jax.convert.decoder import decoder_keymap, export_hf_decoder, read_hf_config
 from m3d_jax.convert.keymap import LINEAR, ConversionReport, KeyMap, Rule, load_model, write_state
 from m3d_jax.convert.segvol import segvol_keymap
+from m3d_jax.convert.torch_io import CheckpointReadError
 from m3d_jax.convert.vit3d import vit3d_keymap
 from m3d_jax.models.lamed import Lamed, LamedConfig
 
@@ -43,6 +44,19 @@ def load_lamed(folder: str | os.PathLike, **decoder_overrides) -> tuple[Lamed, C
     return load_model(folder, lamed_keymap(config), lambda: Lamed(config, rngs=nnx.Rngs(0)))
 
 
+def load_lamed_folder(folder: str | os.PathLike) -> Lamed:
+    """An m3d-jax LaMed parameter folder or a released PyTorch folder (converted in memory)."""
+    from m3d_jax.convert.checkpoint import KIND_KEY, load_jax
+
+    hf = read_hf_config(folder)
+    if hf.get(KIND_KEY) == "lamed":
+        return load_jax(folder)
+    if KIND_KEY in hf or not str(hf.get("model_type", "")).startswith("lamed"):
+        raise CheckpointReadError(f"{Path(folder) / 'config.json'}: not an M3D-LaMed checkpoint "
+                                  f"(model_type {hf.get('model_type')!r}, kind {hf.get(KIND_KEY)!r})")
+    return load_lamed(folder)[0]
+
+
 def export_lamed(model: Lamed, out_dir: str | os.PathLike, *, dtype=None,
                  max_shard_bytes: int = 5 * 2**30) -> list[Path]:
     """Writes the released layout (config.json + sharded safetensors + index)."""
@@ -54,8 +68,6 @@ def export_language_model(model: Lamed, out_dir: str | os.PathLike, *, tokenizer
                           max_shard_bytes: int = 5 * 2**30) -> list[Path]:
     """The LLM alone (with the added tokens' embedding rows) as a plain Phi-3 / Llama folder that
     transformers loads without remote code; the tokenizer is saved beside it when given."""
-    from m3d_jax.convert.decoder import export_hf_decoder
-
     written = export_hf_decoder(model.language_model, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)

@@ -44,7 +44,7 @@ class TensorInfo:
 
 
 class _SafetensorsFile:
-    """One memory-mapped .safetensors file."""
+    """One .safetensors file: header parsed once, tensors read with positioned reads."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -62,10 +62,14 @@ class _SafetensorsFile:
                 header = json.loads(handle.read(header_len))
             except (UnicodeDecodeError, json.JSONDecodeError) as err:
                 raise CheckpointReadError(f"{path}: corrupt safetensors header ({err})") from None
+        if not isinstance(header, dict):
+            raise CheckpointReadError(f"{path}: corrupt safetensors header (not a JSON object)")
         header.pop("__metadata__", None)
         self.data_start = 8 + header_len
         self.entries: dict[str, tuple[tuple[int, ...], np.dtype, int, int]] = {}
         for key, entry in header.items():
+            if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+                raise CheckpointReadError(f"{path}: corrupt safetensors header entry for {key!r}")
             if entry["dtype"] not in _ST_TO_NUMPY:
                 raise CheckpointReadError(f"{path}: tensor {key!r} has unsupported dtype {entry['dtype']}")
             dtype = _ST_TO_NUMPY[entry["dtype"]]
@@ -148,7 +152,7 @@ class CheckpointReader:
     """Key-level access to a PyTorch checkpoint: a file, or a folder holding a sharded index, a single
     `model.safetensors` / `pytorch_model.bin`, or exactly one `.safetensors`/`.bin` file.
 
-    Files are opened when first needed and tensors are read one at a time.
+    Files are opened when first needed and tensors are read one at a time (positioned reads, no mapping).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -201,7 +205,12 @@ class CheckpointReader:
 
     def read(self, key: str, index: int | slice | None = None) -> np.ndarray:
         """The tensor `key` (or its slice `index` along axis 0), read one at a time."""
-        return self._file(self._key_to_file[key]).read(key, index)
+        if key not in self._key_to_file:
+            raise CheckpointReadError(f"{self.path}: no tensor {key!r}")
+        file = self._file(self._key_to_file[key])
+        if key not in file.entries:
+            raise CheckpointReadError(f"{file.path}: the index lists tensor {key!r}, but the file does not contain it")
+        return file.read(key, index)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,6 +235,16 @@ def _write_safetensors(path: Path, specs: Sequence[TensorSpec], produce: Callabl
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)  # align the data section
     tmp = path.with_name(path.name + ".tmp")
+    try:
+        _write_tensors(tmp, header_bytes, specs, produce)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
+def _write_tensors(tmp: Path, header_bytes: bytes, specs: Sequence[TensorSpec],
+                   produce: Callable[[str], np.ndarray]) -> None:
     with open(tmp, "wb") as handle:
         handle.write(struct.pack("<Q", len(header_bytes)))
         handle.write(header_bytes)
@@ -242,7 +261,6 @@ def _write_safetensors(path: Path, specs: Sequence[TensorSpec], produce: Callabl
                 written += chunk.nbytes
             if written != spec.nbytes:
                 raise ValueError(f"{spec.key}: produced {written} bytes, planned {spec.nbytes}")
-    os.replace(tmp, path)
 
 
 def write_checkpoint(

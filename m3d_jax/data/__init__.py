@@ -1,1 +1,1 @@
-"""Volume I/O and preprocessing (the Grain pipelines arrive with step 4)."""
+"""Volumes, preprocessing, augmentation, M3D-Data sources, prompts and the Grain input pipeline."""

@@ -1,7 +1,8 @@
 """M3D's training augmentations, driven by a per-record RNG so a sample is a pure function of
 (seed, epoch, index): RandRotate90 in the H-W plane (p 0.5, k ∈ {1, 2, 3}), a flip of each spatial axis
 (p 0.1 each), intensity scale ×(1 + U(−0.1, 0.1)) (p 0.5) and shift + U(−0.1, 0.1) (p 0.5). Masks get
-the same rotations and flips (never the intensity changes)."""
+the same rotations and flips (never the intensity changes). For non-square H-W planes the rotation is
+always a half turn, so shapes stay fixed."""
 
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ def augment(
     spatial = [image] + ([mask] if mask is not None else [])
     if rng.random() < config.rotate90_prob:
         k = int(rng.integers(1, 4))
+        if image.shape[2] != image.shape[3]:
+            k = 2  # a quarter turn would swap H and W of a non-square plane; keep the batch shape
         spatial = [np.rot90(a, k, axes=(2, 3)) for a in spatial]
     for axis in (1, 2, 3):
         if rng.random() < config.flip_prob:

@@ -137,13 +137,20 @@ def lamed_dataset(source, tokenizer, spec: SampleSpec, *, seed: int, batch_size:
     samples = lamed_samples(source, tokenizer, spec, seed=seed, num_epochs=num_epochs, shard_index=shard_index,
                             shard_count=shard_count)
     if spec.skip_bad_records:
-        samples = samples.to_iter_dataset()
+        samples = samples.to_iter_dataset(read_options())
     return samples.batch(batch_size, drop_remainder=True)
 
 
 def mix(datasets, weights) -> grain.MapDataset:
     """Weighted mixture of unbatched sample datasets (e.g. Cap, VQA, Seg) in a fixed interleaving."""
     return grain.MapDataset.mix(list(datasets), list(weights))
+
+
+def read_options(threads: int | None = None) -> grain.ReadOptions:
+    """Reader threads (default: one per core — more only contend, as measured) and a prefetch buffer of
+    two elements per thread."""
+    threads = threads or os.cpu_count() or 1
+    return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
 
 
 def iterate(dataset: grain.MapDataset | grain.IterDataset, *, threads: int | None = None, workers: int = 0,
@@ -154,9 +161,8 @@ def iterate(dataset: grain.MapDataset | grain.IterDataset, *, threads: int | Non
     `get_state()` (a JSON-able dict: save it with the train state). Worker processes are spawned: call this
     under `if __name__ == "__main__":`."""
     if isinstance(dataset, grain.MapDataset):
-        threads = threads or os.cpu_count() or 1  # more threads than cores only contend (measured)
-        iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads))
-    else:
+        iter_dataset = dataset.to_iter_dataset(read_options(threads))
+    else:  # already an IterDataset (e.g. with skip_bad_records), read with `read_options()`
         iter_dataset = dataset
     if workers > 0:
         iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))

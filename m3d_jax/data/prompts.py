@@ -59,8 +59,7 @@ def tokenize_sample(tokenizer, question: str, answer: str, *, proj_out_num: int,
     """LaMed's convention: BOS, image placeholders, ' ' + question, ' ' + answer, EOS; padded or truncated
     to `max_length`. Only the answer tokens and the EOS are supervised. Raises ValueError when the prompt
     alone does not fit."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else [tokenizer.pad_token_id]
-    prompt = bos + [image_token_id] * proj_out_num + _ids(tokenizer, " " + question.strip())
+    prompt = [bos_id(tokenizer)] + [image_token_id] * proj_out_num + _ids(tokenizer, " " + question.strip())
     answer_ids = _ids(tokenizer, " " + answer.strip()) + [tokenizer.eos_token_id]
     if len(prompt) >= max_length:
         raise ValueError(f"prompt of {len(prompt)} tokens does not fit max_length {max_length}")
@@ -72,6 +71,11 @@ def tokenize_sample(tokenizer, question: str, answer: str, *, proj_out_num: int,
         np.asarray([1] * len(ids) + [0] * pad, np.int32),
         np.asarray(labels + [-100] * pad, np.int32),
     )
+
+
+def bos_id(tokenizer) -> int:
+    """The id before the image tokens: BOS, or pad for tokenizers without one (the splice needs one token)."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.pad_token_id
 
 
 def _ids(tokenizer, text: str) -> list[int]:

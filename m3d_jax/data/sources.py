@@ -1,5 +1,6 @@
-"""Grain random-access sources over the M3D-Data layouts. Records are light (paths and strings); files are
-opened by the transform, lazily, in the worker. Malformed lists fail with the file and row named."""
+"""Grain random-access sources over the M3D-Data layouts. Records are light (paths and strings; Cap's
+report texts are read when the source is built); volumes and masks are opened by the transform, in the
+reader threads or workers. Malformed lists fail with the file and row named."""
 
 from __future__ import annotations
 

@@ -16,7 +16,6 @@ class Embed(nnx.Module):
         self, num_embeddings: int, features: int, *, dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        self.num_embeddings = num_embeddings
         self.dtype = dtype
         self.embedding = param(rngs, normal(0.02), (num_embeddings, features), param_dtype, ("vocab", "embed"))
 

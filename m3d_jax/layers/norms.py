@@ -41,8 +41,8 @@ class LayerNorm(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """x / sqrt(mean(x²) + eps) · scale, computed in float32 (HF Llama/Phi-3 semantics: the normalised
-    value is cast back to the input dtype before the scale multiplies it)."""
+    """x / sqrt(mean(x²) + eps) · scale, statistics in float32; the normalised value is cast to the
+    compute dtype before the scale multiplies it (HF Llama/Phi-3 order)."""
 
     def __init__(
         self,

@@ -147,7 +147,8 @@ class DecoderConfig:
             num_key_value_heads=self.num_kv_heads, head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps,
             max_position_embeddings=self.max_position_embeddings, tie_word_embeddings=self.tie_word_embeddings,
             hidden_act=self.hidden_act, rope_theta=self.rope_theta, bos_token_id=self.bos_token_id,
-            eos_token_id=list(self.eos_token_ids) if len(self.eos_token_ids) > 1 else self.eos_token_ids[0],
+            eos_token_id=(list(self.eos_token_ids) if len(self.eos_token_ids) > 1
+                          else self.eos_token_ids[0] if self.eos_token_ids else None),
             pad_token_id=self.pad_token_id, torch_dtype="float32",
         )
         if self.partial_rotary_factor != 1.0:
@@ -187,7 +188,6 @@ class DecoderOutput(NamedTuple):
 class DecoderLayer(nnx.Module):
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
         dtypes = dict(dtype=canonical_dtype(config.dtype), param_dtype=canonical_dtype(config.param_dtype))
-        self.sliding_window = config.sliding_window
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, rngs=rngs, **dtypes)
         self.self_attn = CausalSelfAttention(
             config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
@@ -267,6 +267,7 @@ class Decoder(nnx.Module):
             mask = causal_mask(query_slots, jnp.arange(cache.valid.shape[1]), valid, self.config.sliding_window)
             per_layer = list(zip(cache.key, cache.value)) if isinstance(cache.key, tuple) else (cache.key, cache.value)
         cos, sin = rope_tables(self.config.rope, position_ids)
+        embeddings = x
 
         x, hidden, new_kv = run_stack(
             self.layers, x, num_layers=self.config.num_layers, scan=self.config.scan_layers,
@@ -281,8 +282,7 @@ class Decoder(nnx.Module):
         last_hidden_state = x
         hidden_states = None
         if output_hidden_states:
-            embeds = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-            hidden_states = (embeds, *hidden[:-1], x)
+            hidden_states = (embeddings, *hidden[:-1], x)
         if logits_at is not None:
             x = jax.lax.dynamic_slice_in_dim(x, jnp.asarray(logits_at) % length, 1, axis=1)
         logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)

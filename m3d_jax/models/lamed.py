@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from m3d_jax.config import dataclass_from_mapping
 from m3d_jax.layers.params import canonical_dtype
 from m3d_jax.models.decoder import Decoder, DecoderConfig
 from m3d_jax.models.projector import ProjectorConfig, SpatialPoolingProjector
@@ -75,7 +76,7 @@ class LamedConfig:
         values = dict(values)
         values["vision"] = ViT3DConfig.from_dict(values.get("vision", {}))
         values["decoder"] = DecoderConfig.from_dict(values.get("decoder", {}))
-        return cls(**values)
+        return dataclass_from_mapping(cls, values)
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], **decoder_overrides: Any) -> LamedConfig:
@@ -89,7 +90,7 @@ class LamedConfig:
             in_channels=hf.get("image_channel", 1), hidden_size=hf.get("mm_hidden_size", 768), cls_token=True,
             mlp_dim=hf.get("vision_mlp_dim", 3072), num_layers=hf.get("vision_num_layers", 12),
             num_heads=hf.get("vision_num_heads", 12),
-            select_layer=select_layer, select_final_norm=select_layer == -1,
+            select_layer=select_layer, select_final_norm=hf.get("vision_select_final_norm", select_layer == -1),
             select_feature=hf.get("vision_select_feature", "patch"), dtype=decoder_overrides.get("dtype", "float32"),
         )
         seg_token_id = hf.get("seg_token_id")
@@ -115,7 +116,7 @@ class LamedConfig:
             architectures=["LamedPhi3ForCausalLM" if phi3 else "LamedLlamaForCausalLM"],
             image_channel=self.vision.in_channels, image_size=list(self.vision.image_size),
             patch_size=list(self.vision.patch_size), vision_tower="vit3d",
-            vision_select_layer=self.vision.select_layer if not self.vision.select_final_norm else -1,
+            vision_select_layer=self.vision.select_layer, vision_select_final_norm=self.vision.select_final_norm,
             vision_select_feature=self.vision.select_feature, mm_projector_type="spp",
             proj_layer_type=self.proj_layer_type, proj_layer_num=self.proj_layer_num,
             proj_pooling_type=self.proj_pooling_type, proj_pooling_size=self.proj_pooling_size,

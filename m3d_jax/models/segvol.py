@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from m3d_jax.layers import Dense, LayerNorm, Mlp, attend
-from m3d_jax.layers.params import Buffer, DType, canonical_dtype, normal, param, zeros
+from m3d_jax.layers.params import Buffer, canonical_dtype, normal, param, zeros
 from m3d_jax.resize import resize_trilinear
 from m3d_jax.models.vit3d import ViT3D, ViT3DConfig
 
@@ -42,9 +42,6 @@ class SegVolConfig:
     def dim(self) -> int:
         return self.encoder.hidden_size
 
-    @property
-    def upscaled_size(self) -> tuple[int, int, int]:
-        return tuple(4 * g for g in self.encoder.grid)
 
 
 def dense_positional_encoding(gaussian: jax.Array, grid: tuple[int, int, int]) -> jax.Array:

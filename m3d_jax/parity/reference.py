@@ -17,29 +17,29 @@ REQUIRED = {"image": 5, "input_ids": 2, "logits": 3}
 OPTIONAL = {"attention_mask": 2, "seg_logits": 5, "generated_ids": 2}
 
 
-class ReferenceError(ValueError):
+class ReferenceFileError(ValueError):
     """A reference file is missing, unreadable, or lacks / mis-shapes a field."""
 
 
 def load_reference(path: str | os.PathLike) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
-        raise ReferenceError(f"{path}: reference file not found")
+        raise ReferenceFileError(f"{path}: reference file not found")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-        raise ReferenceError(f"{path}: not a readable .npz ({err})") from None
+        raise ReferenceFileError(f"{path}: not a readable .npz ({err})") from None
     unknown = sorted(set(arrays) - set(REQUIRED) - set(OPTIONAL))
     missing = sorted(set(REQUIRED) - set(arrays))
     if missing or unknown:
-        raise ReferenceError(f"{path}: missing fields {missing}, unknown fields {unknown}")
+        raise ReferenceFileError(f"{path}: missing fields {missing}, unknown fields {unknown}")
     for key, ndim in {**REQUIRED, **OPTIONAL}.items():
         if key in arrays and arrays[key].ndim != ndim:
-            raise ReferenceError(f"{path}: field {key} has shape {arrays[key].shape}, expected {ndim} dimensions")
+            raise ReferenceFileError(f"{path}: field {key} has shape {arrays[key].shape}, expected {ndim} dimensions")
     batch, length = arrays["input_ids"].shape
     if arrays["logits"].shape[:2] != (batch, length) or arrays["image"].shape[0] != batch:
-        raise ReferenceError(f"{path}: logits {arrays['logits'].shape} / image {arrays['image'].shape} do not "
+        raise ReferenceFileError(f"{path}: logits {arrays['logits'].shape} / image {arrays['image'].shape} do not "
                              f"match input_ids {arrays['input_ids'].shape}")
     return arrays
 
