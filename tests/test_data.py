@@ -246,3 +246,23 @@ def test_iterator_state_round_trips_through_orbax(phantoms, tokenizer, tmp_path)
         got = next(resumed)
         for key in expected:
             np.testing.assert_array_equal(got[key], expected[key])
+
+
+def test_data_config_builds_a_mixture_over_the_phantoms(phantoms, tokenizer):
+    import pathlib
+
+    from absl import flags
+    from ml_collections import config_flags
+
+    from m3d_jax.data.pipeline import build_mixture, iterate
+
+    path = pathlib.Path(__file__).parent.parent / "configs" / "data_m3d.py"
+    argv = ["prog", f"--config={path}:phantoms", "--config.batch_size=2"]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", str(path), flag_values=flag_values, sys_argv=argv)
+    flag_values(argv)
+    config = flag_values.config
+    for entry in config.sources:
+        entry.path = str(phantoms / pathlib.Path(entry.path).name)
+    batch = next(iterate(build_mixture(config, tokenizer, SPEC, seed=0)))
+    assert batch["input_ids"].shape == (2, 48) and batch["seg_masks"].shape == (2, 1, 16, 32, 32)

@@ -37,12 +37,16 @@ class RecordError(ValueError):
     """A record cannot be turned into a sample; the message names the file and the problem."""
 
 
-_SKIPPED: collections.Counter = collections.Counter()
+_SKIPPED: collections.Counter = collections.Counter()  # (epoch, reason) → count, in this process
 
 
-def skipped_records() -> dict[str, int]:
-    """Records skipped in this process so far (with skip_bad_records), by reason."""
-    return dict(_SKIPPED)
+def skipped_records(epoch: int | None = None) -> dict[str, int]:
+    """Records skipped in this process so far (with skip_bad_records), by reason; one epoch's if given."""
+    counts: collections.Counter = collections.Counter()
+    for (seen_epoch, reason), count in _SKIPPED.items():
+        if epoch is None or seen_epoch == epoch:
+            counts[reason] += count
+    return dict(counts)
 
 
 def _load_mask(record: dict, image_shape: tuple[int, ...]) -> np.ndarray:
@@ -66,15 +70,21 @@ class LamedTransform:
         self.spec = spec
         self.seed = seed
         self.epoch_length = epoch_length
+        self._last_epoch = 0
 
     def __call__(self, index: int, record: dict) -> dict[str, np.ndarray] | None:
+        epoch = index // self.epoch_length
+        if epoch > self._last_epoch:  # the first record of a new epoch: report the finished one
+            skipped = skipped_records(self._last_epoch)
+            if skipped:
+                logging.warning("epoch %d: skipped %d bad records %s", self._last_epoch, sum(skipped.values()), skipped)
+            self._last_epoch = epoch
         try:
             return self._sample(index, record)
         except (VolumeError, RecordError) as err:
             if not self.spec.skip_bad_records:
                 raise
-            reason = type(err).__name__
-            _SKIPPED[reason] += 1
+            _SKIPPED[(epoch, type(err).__name__)] += 1
             logging.warning("skipping record %d (%s): %s", index, record.get("image"), err)
             return None
 
@@ -194,3 +204,37 @@ def load_iterator_state(directory) -> dict:
 
     with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
         return checkpointer.restore(os.path.abspath(directory), args=ocp.args.JsonRestore())
+
+
+SOURCES = {"cap": "CaptionSource", "vqa_closed": "VQASource", "vqa_open": "VQASource", "seg": "SegSource",
+           "rec": "SegSource", "reg": "SegSource", "refseg": "RefSegSource"}
+
+
+def build_source(entry) -> object:
+    """A source from a config entry: kind (cap, vqa_closed, vqa_open, seg, rec, reg, refseg), path, split."""
+    from m3d_jax.data import sources
+
+    kind, path, split = entry["kind"], entry["path"], entry.get("split", "")
+    if kind not in SOURCES:
+        raise ValueError(f"unknown data source kind {kind!r}; choose one of {sorted(SOURCES)}")
+    if kind == "cap":
+        return sources.CaptionSource(path, split or "train")
+    if kind.startswith("vqa"):
+        return sources.VQASource(path, closed=kind == "vqa_closed")
+    if kind in ("seg", "rec", "reg"):
+        return sources.SegSource(path, split or "training", task=kind)
+    return sources.RefSegSource(path)
+
+
+def build_mixture(data_config, tokenizer, spec: SampleSpec, *, seed: int, shard_index: int = 0,
+                  shard_count: int = 1):
+    """The weighted mixture of a config's `data.sources` (each with kind, path, split, weight), batched."""
+    parts, weights = [], []
+    for offset, entry in enumerate(data_config["sources"]):
+        parts.append(lamed_samples(build_source(entry), tokenizer, spec, seed=seed + offset, shard_index=shard_index,
+                                   shard_count=shard_count))
+        weights.append(float(entry.get("weight", 1.0)))
+    mixed = parts[0] if len(parts) == 1 else mix(parts, weights)
+    if spec.skip_bad_records:
+        mixed = mixed.to_iter_dataset(read_options())
+    return mixed.batch(int(data_config["batch_size"]), drop_remainder=True)
