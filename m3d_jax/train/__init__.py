@@ -1,0 +1,1 @@
+"""Training: optimiser and schedules, trainable masks per stage, the jitted step."""

@@ -1,0 +1,52 @@
+"""AdamW with linear warmup + cosine decay, global-norm clipping, a weight-decay mask (no decay on
+vectors: biases, norm scales, cls token; nor on embeddings), gradient accumulation, and skipped updates
+for non-finite gradients (the parameters and optimiser state stay as they were)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 1e-4
+    warmup_fraction: float = 0.03
+    total_steps: int = 1000
+    end_learning_rate_fraction: float = 0.0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float = 1.0  # 0 = no clipping
+    accumulation_steps: int = 1
+    max_consecutive_nonfinite: int = 10  # skip updates with NaN/Inf gradients; fail after this many in a row
+
+
+def schedule(config: OptimConfig) -> optax.Schedule:
+    warmup = max(1, int(round(config.warmup_fraction * config.total_steps)))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
+        decay_steps=max(config.total_steps, warmup + 1), end_value=config.learning_rate * config.end_learning_rate_fraction,
+    )
+
+
+def decay_mask(params) -> object:
+    """True where weight decay applies: matrices and higher, except embedding tables."""
+    def decays(path, leaf) -> bool:
+        names = "/".join(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
+        return leaf.ndim >= 2 and "embed_tokens" not in names and "position_embeddings" not in names
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
+    parts = []
+    if config.clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(config.clip_norm))
+    parts.append(optax.adamw(schedule(config), b1=config.b1, b2=config.b2, eps=config.eps,
+                             weight_decay=config.weight_decay, mask=decay_mask))
+    tx = optax.apply_if_finite(optax.chain(*parts), config.max_consecutive_nonfinite)
+    return optax.MultiSteps(tx, config.accumulation_steps) if config.accumulation_steps > 1 else tx

@@ -1,0 +1,76 @@
+"""Optimiser, stage masks and the train step on a tiny LaMed."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from m3d_jax.models.decoder_presets import tiny_phi3
+from m3d_jax.models.lamed import Lamed, LamedConfig, lamed_loss
+from m3d_jax.models.vit3d import ViT3DConfig
+from m3d_jax.train.optim import OptimConfig, decay_mask, make_optimizer, schedule
+from m3d_jax.train.step import make_train_step, trainable
+
+CONFIG = LamedConfig(vision=ViT3DConfig(image_size=(16, 64, 64), hidden_size=64, mlp_dim=128, num_layers=2,
+                                        num_heads=4),
+                     decoder=tiny_phi3(vocab_size=516), image_token_id=512, seg_token_id=515, seg_decoder_heads=4,
+                     seg_decoder_mlp_dim=96, seg_iou_head_hidden=32)
+
+
+def _batch(rng):
+    ids = np.concatenate([np.ones((2, 1)), np.full((2, 8), 512), rng.integers(3, 500, (2, 7))], 1).astype(np.int32)
+    return {k: jnp.asarray(v) for k, v in dict(
+        images=rng.random((2, 1, 16, 64, 64), dtype=np.float32), input_ids=ids, attention_mask=np.ones_like(ids),
+        labels=np.where(np.arange(16) < 10, -100, ids), image_starts=np.ones(2, np.int32)).items()}
+
+
+def test_schedule_warms_up_then_decays():
+    lr = schedule(OptimConfig(learning_rate=1e-3, warmup_fraction=0.1, total_steps=100))
+    assert float(lr(0)) == 0.0 and abs(float(lr(10)) - 1e-3) < 1e-9
+    assert float(lr(55)) < 1e-3 and float(lr(100)) < 1e-6
+
+
+def test_decay_mask_skips_vectors_and_embeddings():
+    params = {"embed_tokens": {"embedding": jnp.zeros((4, 3))}, "dense": {"kernel": jnp.zeros((3, 3)),
+                                                                          "bias": jnp.zeros(3)}}
+    assert decay_mask(params) == {"embed_tokens": {"embedding": False}, "dense": {"kernel": True, "bias": False}}
+
+
+def test_stage1_trains_only_projector_and_embeddings_and_loss_falls(rng):
+    model = Lamed(CONFIG, rngs=nnx.Rngs(0))
+    wrt = trainable("lamed_stage1")
+    optimizer = nnx.Optimizer(model, make_optimizer(OptimConfig(learning_rate=1e-2, warmup_fraction=0.0,
+                                                                total_steps=20)), wrt=wrt)
+    before = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model))}
+    opt_leaves = jax.tree.leaves(nnx.state(optimizer))
+    trained_count = sum(1 for p, v in nnx.to_flat_state(nnx.state(model)) if wrt(p, v))
+    assert trained_count == 2 * CONFIG.proj_layer_num + 1
+    assert sum(x.size for x in opt_leaves) < 4 * sum(x.size for x in jax.tree.leaves(nnx.state(model))) / 10
+    step = make_train_step(lambda m, b: lamed_loss(m, b), wrt)
+    batch = _batch(rng)
+    losses = [float(step(model, optimizer, batch)["loss"]) for _ in range(8)]
+    assert losses[-1] < losses[0] * 0.9, losses
+    for path, variable in nnx.to_flat_state(nnx.state(model)):
+        changed = not np.array_equal(np.asarray(variable[...]), before[path])
+        assert changed == wrt(path, variable), (path, changed)
+
+
+def test_nonfinite_gradients_skip_the_update(rng):
+    model = Lamed(CONFIG, rngs=nnx.Rngs(0))
+    wrt = trainable("lamed_stage1")
+    optimizer = nnx.Optimizer(model, make_optimizer(OptimConfig(warmup_fraction=0.0, total_steps=10)), wrt=wrt)
+    step = make_train_step(lambda m, b: lamed_loss(m, b), wrt)
+    batch = _batch(rng)
+    batch["images"] = batch["images"].at[0, 0, 0, 0, 0].set(jnp.nan)
+    before = np.asarray(model.mm_projector.layers[0].kernel[...])
+    metrics = step(model, optimizer, batch)
+    assert not bool(metrics["finite"])
+    np.testing.assert_array_equal(np.asarray(model.mm_projector.layers[0].kernel[...]), before)
+
+
+def test_unknown_stage_is_named():
+    with pytest.raises(ValueError, match="unknown training stage 'stage3'"):
+        trainable("stage3")
