@@ -50,21 +50,31 @@ def _require(row: dict, columns: tuple[str, ...], where: str) -> None:
         raise VolumeError(f"{where}: empty or missing columns {missing}")
 
 
+def _read_list(list_path: Path, split: str, fields: tuple[str, ...]) -> tuple[dict, list[tuple[str, dict]]]:
+    """A JSON list file and its `split` entries as (where, entry), each checked to hold `fields`."""
+    try:
+        data = json.loads(list_path.read_text())
+        entries = data[split]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise VolumeError(f"{list_path}: cannot read split {split!r} ({type(err).__name__}: {err})") from None
+    checked = []
+    for row, entry in enumerate(entries):
+        where = f"{list_path} [{split}][{row}]"
+        if not isinstance(entry, dict) or any(field not in entry for field in fields):
+            expected = ", ".join(f"'{field}': ..." for field in fields)
+            raise VolumeError(f"{where}: expected {{{expected}}}, got {entry!r:.100}")
+        checked.append((where, entry))
+    return data, checked
+
+
 class CaptionSource(_ListSource):
     """M3D-Cap: JSON {"train"|"validation"|"test": [{"image": rel, "text": rel .txt}]} → image + report."""
 
     def __init__(self, list_path: str | os.PathLike, split: str = "train", root: str | os.PathLike | None = None):
         list_path = Path(list_path)
         root = Path(root) if root is not None else list_path.parent
-        try:
-            entries = json.loads(list_path.read_text())[split]
-        except (OSError, json.JSONDecodeError, KeyError) as err:
-            raise VolumeError(f"{list_path}: cannot read split {split!r} ({type(err).__name__}: {err})") from None
         records = []
-        for row, entry in enumerate(entries):
-            where = f"{list_path} [{split}][{row}]"
-            if not isinstance(entry, dict) or "image" not in entry or "text" not in entry:
-                raise VolumeError(f"{where}: expected {{'image': ..., 'text': ...}}, got {entry!r:.100}")
+        for where, entry in _read_list(list_path, split, ("image", "text"))[1]:
             text = Path(_resolve(root, entry["text"], where)).read_text().strip()
             records.append({"task": "caption", "image": _resolve(root, entry["image"], where), "answer": text})
         super().__init__(records, f"{list_path}:{split}")
@@ -110,17 +120,13 @@ class SegSource(_ListSource):
             raise ValueError(f"task must be seg, rec or reg, got {task!r}")
         list_path = Path(list_path)
         root = Path(root) if root is not None else list_path.parent
+        data, entries = _read_list(list_path, split, ("image", "label"))
         try:
-            data = json.loads(list_path.read_text())
             labels = {int(k): v for k, v in data["labels"].items() if int(k) != 0}
-            entries = data[split]
-        except (OSError, json.JSONDecodeError, KeyError, ValueError) as err:
-            raise VolumeError(f"{list_path}: cannot read labels / split {split!r} ({type(err).__name__}: {err})") from None
+        except (KeyError, ValueError, AttributeError) as err:
+            raise VolumeError(f"{list_path}: cannot read the labels ({type(err).__name__}: {err})") from None
         records = []
-        for row, entry in enumerate(entries):
-            where = f"{list_path} [{split}][{row}]"
-            if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
-                raise VolumeError(f"{where}: expected {{'image': ..., 'label': ...}}, got {entry!r:.100}")
+        for where, entry in entries:
             image = _resolve(root, entry["image"], where)
             label = root / entry["label"]
             for position, (class_id, name) in enumerate(sorted(labels.items())):

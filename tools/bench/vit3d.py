@@ -57,6 +57,7 @@ def main(argv):
 
     from m3d_jax.convert.vit3d import load_vit3d
     from m3d_jax.models.vit3d import ViT3DConfig
+    from m3d_jax.parity.torch_reference import vit_features
 
     jax.config.update("jax_default_matmul_precision", _PRECISION.value)
     on_gpu = jax.default_backend() == "gpu"
@@ -80,11 +81,7 @@ def main(argv):
     @torch.inference_mode()
     def torch_features(images):
         with torch.autocast(device, dtype=torch.bfloat16, enabled=_DTYPE.value == "bfloat16"):
-            x = reference.patch_embedding(images)
-            x = torch.cat([reference.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-            for block in reference.blocks:
-                x = block(x)
-            out = reference.norm(x)[:, 1:]
+            out = vit_features(reference, images)[:, 1:]
         if device == "cuda":
             torch.cuda.synchronize()
         return out
