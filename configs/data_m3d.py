@@ -4,10 +4,9 @@
   configs/data_m3d.py:phantoms  tools/make_phantoms.py output under --config.root
 
 Training configs embed this as their `data` section; point `root` at your copy of M3D-Data, e.g.
-`--config.data.root=/data/M3D-Data`. Paths are joined to root when the config is built.
+`--config.data.root=/data/M3D-Data`. Source paths are relative to root (joined when the sources are built).
+`batch_size` is the GLOBAL batch (each process loads only its rows).
 """
-
-import os
 
 from ml_collections import ConfigDict
 
@@ -30,6 +29,6 @@ def get_config(layout: str = "m3d") -> ConfigDict:
                  ("refseg", "M3D_RefSeg/M3D_RefSeg.csv", "", 0.5)]
     else:
         raise ValueError(f"unknown data layout {layout!r} (m3d or phantoms)")
-    config.sources = [ConfigDict(dict(kind=k, path=os.path.join(config.root, p), split=s, weight=w))
+    config.sources = [ConfigDict(dict(kind=k, path=p, split=s, weight=w))
                       for k, p, s, w in files]
     return config

@@ -124,6 +124,16 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules=LOGICAL_RULES) -> nnx.Modul
     return nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh, rules)))
 
 
+def replicate_strays(module: nnx.Module, mesh: Mesh) -> None:
+    """Places every array of `module` not yet laid out on `mesh` (e.g. an optimiser's step counters,
+    created on one device) replicated over the mesh, in place."""
+    def place(x):
+        on_mesh = isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+        return x if on_mesh else jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+
+    nnx.update(module, jax.tree.map(place, nnx.state(module)))
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Batch-major arrays: the leading axis over (data, fsdp), the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))

@@ -116,14 +116,18 @@ def test_pipeline_is_deterministic_and_resumes_exactly(phantoms, tokenizer):
     assert np.isfinite(np.stack([b["images"] for b in first])).all()
 
 
-def test_process_shards_are_disjoint_and_cover_the_epoch(phantoms):
-    source = CaptionSource(phantoms / "cap.json", "train")
-    import grain.python as grain
-
-    shards = [list(grain.MapDataset.source(source)[i::2]) for i in range(2)]
-    images = [[r["image"] for r in shard] for shard in shards]
-    assert not set(images[0]) & set(images[1])
-    assert sorted(images[0] + images[1]) == sorted(r["image"] for r in source.records)
+def test_processes_load_disjoint_rows_of_the_same_global_batches(phantoms, tokenizer):
+    spec = SampleSpec(image_size=(16, 32, 32), proj_out_num=4, image_token_id=256, max_length=48, augment=None)
+    source = VQASource(phantoms / "vqa_train.csv")
+    whole = _batches(lamed_dataset(source, tokenizer, spec, seed=0, batch_size=4), 3)[0]
+    parts = [_batches(lamed_dataset(source, tokenizer, spec, seed=0, batch_size=4, process_index=p,
+                                    process_count=2), 3)[0] for p in range(2)]
+    for step, batch in enumerate(whole):
+        np.testing.assert_array_equal(batch["sample_index"], np.arange(4 * step, 4 * step + 4))
+        for key in batch:
+            np.testing.assert_array_equal(np.concatenate([parts[0][step][key], parts[1][step][key]]), batch[key])
+    with pytest.raises(ValueError, match="global batch size 3 is not divisible by 2 processes"):
+        lamed_dataset(source, tokenizer, spec, seed=0, batch_size=3, process_count=2)
 
 
 SPEC = SampleSpec(image_size=(16, 32, 32), proj_out_num=4, image_token_id=256, max_length=48)
@@ -153,13 +157,13 @@ def test_seg_refseg_and_positioning_samples(phantoms, tokenizer):
 def test_mixture_and_multiprocess_prefetch_give_the_same_batches(phantoms, tokenizer):
     from absl import flags
 
-    from m3d_jax.data.pipeline import iterate, lamed_samples, mix
+    from m3d_jax.data.pipeline import batched, iterate, lamed_samples, mix
     from m3d_jax.data.sources import SegSource
 
     flags.FLAGS(["test"])  # grain reads absl flags
     vqa = lamed_samples(VQASource(phantoms / "vqa_train.csv"), tokenizer, SPEC, seed=0)
     seg = lamed_samples(SegSource(phantoms / "seg.json", "training"), tokenizer, SPEC, seed=1)
-    mixed = mix([vqa, seg], [0.75, 0.25]).batch(4, drop_remainder=True)
+    mixed = batched(mix([vqa, seg], [0.75, 0.25]), SPEC, batch_size=4)
     local = iterate(mixed)
     expected = [next(local) for _ in range(3)]
     assert expected[0]["seg_masks"].shape == (4, 1, 16, 32, 32)
@@ -173,15 +177,15 @@ def test_mixture_and_multiprocess_prefetch_give_the_same_batches(phantoms, token
 
 def test_batches_become_global_arrays(phantoms, tokenizer):
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec
 
     from m3d_jax.data.pipeline import to_global_arrays
+    from m3d_jax.sharding import MeshConfig, make_mesh
 
     batch = next(iter(lamed_dataset(VQASource(phantoms / "vqa_train.csv"), tokenizer, SPEC, seed=0,
                                     batch_size=2).to_iter_dataset()))
-    mesh = jax.make_mesh((len(jax.devices()),), ("data",))
-    arrays = to_global_arrays(batch, NamedSharding(mesh, PartitionSpec("data")))
+    arrays = to_global_arrays(batch, make_mesh(MeshConfig(data=len(jax.devices()))))
     np.testing.assert_array_equal(np.asarray(arrays["input_ids"]), batch["input_ids"])
+    np.testing.assert_array_equal(np.asarray(arrays["images"]), batch["images"])
 
 
 def _bad_inputs(root):
@@ -231,8 +235,11 @@ def test_each_bad_input_names_the_file_or_is_counted_when_skipping(tmp_path, tok
     assert len(batches) == 1 and np.isfinite(batches[0]["images"]).all()
 
 
-def test_iterator_state_round_trips_through_orbax(phantoms, tokenizer, tmp_path):
-    from m3d_jax.data.pipeline import iterate, load_iterator_state, save_iterator_state
+def test_iterator_state_round_trips_through_a_training_checkpoint(phantoms, tokenizer, tmp_path):
+    import jax.numpy as jnp
+
+    from m3d_jax.data.pipeline import iterate
+    from m3d_jax.train.checkpoints import Checkpoints, abstract_like
 
     dataset = lamed_dataset(VQASource(phantoms / "vqa_train.csv"), tokenizer, SPEC, seed=0, batch_size=2)
     iterator = iterate(dataset)
@@ -240,12 +247,19 @@ def test_iterator_state_round_trips_through_orbax(phantoms, tokenizer, tmp_path)
     iterator = iterate(dataset)
     for _ in range(3):
         next(iterator)
-    save_iterator_state(tmp_path / "data_state", iterator)
-    resumed = iterate(dataset, state=load_iterator_state(tmp_path / "data_state"))
+    state = {"w": jnp.arange(4.0)}
+    with_async = Checkpoints(str(tmp_path / "ckpt"), every=1, keep=2)
+    assert with_async.save(3, state, iterator, {"note": "x"})
+    with_async.close()
+    reader = Checkpoints(str(tmp_path / "ckpt"), every=1, keep=2)
+    resumed = iterate(dataset)
+    restored, meta = reader.restore(reader.latest_step(), abstract_like(state), resumed)
+    assert meta == {"note": "x", "step": 3} and np.array_equal(restored["w"], np.arange(4.0))
     for expected in uninterrupted[3:]:
         got = next(resumed)
         for key in expected:
             np.testing.assert_array_equal(got[key], expected[key])
+    reader.close()
 
 
 def test_data_config_builds_a_mixture_over_the_phantoms(phantoms, tokenizer):
@@ -262,7 +276,6 @@ def test_data_config_builds_a_mixture_over_the_phantoms(phantoms, tokenizer):
     config_flags.DEFINE_config_file("config", str(path), flag_values=flag_values, sys_argv=argv)
     flag_values(argv)
     config = flag_values.config
-    for entry in config.sources:
-        entry.path = str(phantoms / pathlib.Path(entry.path).name)
+    config.root = str(phantoms)
     batch = next(iterate(build_mixture(config, tokenizer, SPEC, seed=0)))
     assert batch["input_ids"].shape == (2, 48) and batch["seg_masks"].shape == (2, 1, 16, 32, 32)

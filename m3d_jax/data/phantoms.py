@@ -108,3 +108,32 @@ def write_phantoms(root: str | Path, *, num_cases: int = 24, seed: int = 0, shap
         writer.writeheader()
         writer.writerows(refseg_rows)
     return root
+
+
+def phantom_tokenizer():
+    """A word-level tokenizer (transformers `PreTrainedTokenizerFast`, built offline) covering every word
+    the phantom texts and the prompt templates use, with <s>, </s>, <unk> (= pad) and LaMed's added tokens.
+    It decodes punctuation without a space before it, so "B." survives the closed-VQA check."""
+    import re
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from m3d_jax.data import prompts
+    from m3d_jax.tokenizer import add_lamed_tokens
+
+    texts = [*prompts.CAPTION_PROMPTS, *prompts.SEGMENT_PROMPTS, *prompts.SEGMENT_ANSWERS, *prompts.REC_PROMPTS,
+             *prompts.REG_PROMPTS, "Choices: A. B. C. D. It is the lesion lesions at middle none four",
+             "How many lesions are there? On which side is the largest brightest lesion?",
+             "Please segment every lesion in this scan. The lesions are at"]
+    rng = np.random.default_rng(0)
+    texts += [make_case(rng, (16, 16, 16))["report"] for _ in range(64)]
+    words = sorted({w for text in texts for w in re.findall(r"\w+|[^\w\s]+", text.replace("[SEG]", " "))})
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>", pad_token="<unk>")
+    add_lamed_tokens(tokenizer)
+    return tokenizer

@@ -1,7 +1,8 @@
-"""The Grain pipeline for LaMed training: source → per-process shard → seeded shuffle (a new order each
-epoch) → map (read, preprocess, augment, tokenize) → fixed-shape batches. A sample is a pure function of
-(seed, epoch, index), and the iterator's state (grain `get_state`/`set_state`) resumes at the exact next
-batch."""
+"""The Grain pipeline for LaMed training: source → seeded shuffle (a new order each epoch) → map (read,
+preprocess, augment, tokenize) → one global stream of samples numbered 0, 1, 2, ... → this process's rows
+of each GLOBAL batch → fixed-shape local batches. A sample is a pure function of (seed, epoch, index), so
+the global batches are the same whatever the number of processes, and the iterator's state (grain
+`get_state`/`set_state`) resumes at the exact next batch."""
 
 from __future__ import annotations
 
@@ -129,26 +130,64 @@ def _is_sample(sample) -> bool:
     return sample is not None
 
 
-def lamed_samples(source, tokenizer, spec: SampleSpec, *, seed: int, num_epochs: int | None = None,
-                  shard_index: int = 0, shard_count: int = 1) -> grain.MapDataset:
-    """Unbatched samples of this process's shard (records shard_index, shard_index + shard_count, ...),
-    reshuffled every epoch; `num_epochs=None` repeats forever."""
-    dataset = grain.MapDataset.source(source)[shard_index::shard_count]
+def lamed_samples(source, tokenizer, spec: SampleSpec, *, seed: int, num_epochs: int | None = None
+                  ) -> grain.MapDataset:
+    """Unbatched samples of all records, reshuffled every epoch; `num_epochs=None` repeats forever.
+    A bad record is None here with `skip_bad_records` (dropped after the process split)."""
+    dataset = grain.MapDataset.source(source)
     epoch_length = len(dataset)
     dataset = dataset.shuffle(seed=seed).repeat(num_epochs)
-    dataset = dataset.map_with_index(LamedTransform(tokenizer, spec, seed, epoch_length))
-    return dataset.filter(_is_sample) if spec.skip_bad_records else dataset
+    return dataset.map_with_index(LamedTransform(tokenizer, spec, seed, epoch_length))
+
+
+class ProcessRows(grain.MapDataset):
+    """This process's rows of each global batch: local item k is global item
+    (k // local) · global + process_index · local + k % local, with local = global / process_count."""
+
+    def __init__(self, parent: grain.MapDataset, global_batch: int, process_index: int, process_count: int):
+        super().__init__(parent)
+        if global_batch % process_count:
+            raise ValueError(f"global batch size {global_batch} is not divisible by {process_count} processes")
+        self._global, self._local = global_batch, global_batch // process_count
+        self._offset = process_index * self._local
+        self._length = len(parent) // global_batch * self._local
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _parent_index(self, index: int) -> int:
+        return index // self._local * self._global + self._offset + index % self._local
+
+    def __getitem__(self, index: int):
+        return self._parent[self._parent_index(index)]
+
+    def __str__(self) -> str:
+        return f"ProcessRows(global={self._global}, local={self._local}, offset={self._offset})"
+
+
+def _numbered(index: int, sample: dict | None) -> dict | None:
+    if sample is None:
+        return None
+    return {**sample, "sample_index": np.asarray(index, np.int64)}
+
+
+def batched(samples: grain.MapDataset, spec: SampleSpec, *, batch_size: int, process_index: int = 0,
+            process_count: int = 1) -> grain.MapDataset | grain.IterDataset:
+    """Numbers the global stream (`sample_index`), keeps this process's rows of each global batch of
+    `batch_size`, and batches them (batch_size / process_count rows; a last partial batch is dropped).
+    With skip_bad_records the batching happens on an IterDataset, since dropped records make positions
+    unknowable up front."""
+    rows = ProcessRows(samples.map_with_index(_numbered), batch_size, process_index, process_count)
+    if spec.skip_bad_records:
+        rows = rows.filter(_is_sample).to_iter_dataset(read_options())
+    return rows.batch(batch_size // process_count, drop_remainder=True)
 
 
 def lamed_dataset(source, tokenizer, spec: SampleSpec, *, seed: int, batch_size: int, num_epochs: int | None = None,
-                  shard_index: int = 0, shard_count: int = 1) -> grain.MapDataset | grain.IterDataset:
-    """Fixed-shape batches of `lamed_samples` (the last partial batch is dropped). With skip_bad_records
-    the batching happens on an IterDataset, since dropped records make positions unknowable up front."""
-    samples = lamed_samples(source, tokenizer, spec, seed=seed, num_epochs=num_epochs, shard_index=shard_index,
-                            shard_count=shard_count)
-    if spec.skip_bad_records:
-        samples = samples.to_iter_dataset(read_options())
-    return samples.batch(batch_size, drop_remainder=True)
+                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset | grain.IterDataset:
+    """`batched` `lamed_samples` of one source; `batch_size` is the global batch."""
+    samples = lamed_samples(source, tokenizer, spec, seed=seed, num_epochs=num_epochs)
+    return batched(samples, spec, batch_size=batch_size, process_index=process_index, process_count=process_count)
 
 
 def mix(datasets, weights) -> grain.MapDataset:
@@ -182,39 +221,28 @@ def iterate(dataset: grain.MapDataset | grain.IterDataset, *, threads: int | Non
     return iterator
 
 
-def to_global_arrays(batch: dict[str, np.ndarray], sharding) -> dict:
-    """This process's part of a batch → global jax Arrays laid out by `sharding` (e.g. a NamedSharding over
-    the data axes); each process passes only its own rows."""
+def to_global_arrays(batch: dict[str, np.ndarray], mesh) -> dict:
+    """This process's rows of a batch → global jax Arrays with the leading axis over the mesh's data axes
+    (`m3d_jax.sharding.batch_sharding`); each process passes only its own rows."""
     import jax
 
-    return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in batch.items()}
+    from m3d_jax.sharding import batch_sharding
 
-
-def save_iterator_state(directory, iterator) -> None:
-    """Saves the iterator's position with Orbax (JSON) — put it next to the train state of the same step."""
-    import orbax.checkpoint as ocp
-
-    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
-        checkpointer.save(os.path.abspath(directory), args=ocp.args.JsonSave(iterator.get_state()), force=True)
-
-
-def load_iterator_state(directory) -> dict:
-    """The state saved by `save_iterator_state`, for `iterate(..., state=...)`."""
-    import orbax.checkpoint as ocp
-
-    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
-        return checkpointer.restore(os.path.abspath(directory), args=ocp.args.JsonRestore())
+    return {key: jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
+            for key, value in batch.items()}
 
 
 SOURCES = {"cap": "CaptionSource", "vqa_closed": "VQASource", "vqa_open": "VQASource", "seg": "SegSource",
            "rec": "SegSource", "reg": "SegSource", "refseg": "RefSegSource"}
 
 
-def build_source(entry) -> object:
-    """A source from a config entry: kind (cap, vqa_closed, vqa_open, seg, rec, reg, refseg), path, split."""
+def build_source(entry, root: str | None = None) -> object:
+    """A source from a config entry: kind (cap, vqa_closed, vqa_open, seg, rec, reg, refseg), path
+    (relative paths are joined to `root`), split."""
     from m3d_jax.data import sources
 
-    kind, path, split = entry["kind"], entry["path"], entry.get("split", "")
+    kind, split = entry["kind"], entry.get("split", "")
+    path = os.path.join(root, entry["path"]) if root else entry["path"]
     if kind not in SOURCES:
         raise ValueError(f"unknown data source kind {kind!r}; choose one of {sorted(SOURCES)}")
     if kind == "cap":
@@ -226,15 +254,14 @@ def build_source(entry) -> object:
     return sources.RefSegSource(path)
 
 
-def build_mixture(data_config, tokenizer, spec: SampleSpec, *, seed: int, shard_index: int = 0,
-                  shard_count: int = 1):
-    """The weighted mixture of a config's `data.sources` (each with kind, path, split, weight), batched."""
+def build_mixture(data_config, tokenizer, spec: SampleSpec, *, seed: int, process_index: int = 0,
+                  process_count: int = 1, sources_key: str = "sources"):
+    """The weighted mixture of a config's `data.sources` (each with kind, path, split, weight), batched
+    (`batch_size` global)."""
     parts, weights = [], []
-    for offset, entry in enumerate(data_config["sources"]):
-        parts.append(lamed_samples(build_source(entry), tokenizer, spec, seed=seed + offset, shard_index=shard_index,
-                                   shard_count=shard_count))
+    for offset, entry in enumerate(data_config[sources_key]):
+        parts.append(lamed_samples(build_source(entry, data_config.get("root")), tokenizer, spec, seed=seed + offset))
         weights.append(float(entry.get("weight", 1.0)))
     mixed = parts[0] if len(parts) == 1 else mix(parts, weights)
-    if spec.skip_bad_records:
-        mixed = mixed.to_iter_dataset(read_options())
-    return mixed.batch(int(data_config["batch_size"]), drop_remainder=True)
+    return batched(mixed, spec, batch_size=int(data_config["batch_size"]), process_index=process_index,
+                   process_count=process_count)

@@ -59,7 +59,7 @@ def tokenize_sample(tokenizer, question: str, answer: str, *, proj_out_num: int,
     """LaMed's convention: BOS, image placeholders, ' ' + question, ' ' + answer, EOS; padded or truncated
     to `max_length`. Only the answer tokens and the EOS are supervised. Raises ValueError when the prompt
     alone does not fit."""
-    prompt = [bos_id(tokenizer)] + [image_token_id] * proj_out_num + _ids(tokenizer, " " + question.strip())
+    prompt = prompt_ids(tokenizer, question, proj_out_num=proj_out_num, image_token_id=image_token_id)
     answer_ids = _ids(tokenizer, " " + answer.strip()) + [tokenizer.eos_token_id]
     if len(prompt) >= max_length:
         raise ValueError(f"prompt of {len(prompt)} tokens does not fit max_length {max_length}")
@@ -71,6 +71,11 @@ def tokenize_sample(tokenizer, question: str, answer: str, *, proj_out_num: int,
         np.asarray([1] * len(ids) + [0] * pad, np.int32),
         np.asarray(labels + [-100] * pad, np.int32),
     )
+
+
+def prompt_ids(tokenizer, question: str, *, proj_out_num: int, image_token_id: int) -> list[int]:
+    """The prompt part of `tokenize_sample` (what a trained model is asked at inference)."""
+    return [bos_id(tokenizer)] + [image_token_id] * proj_out_num + _ids(tokenizer, " " + question.strip())
 
 
 def bos_id(tokenizer) -> int:

@@ -21,8 +21,11 @@ class Dense(nnx.Module):
 
     The kernel has shape (*in_features, *out_features); e.g. a fused qkv projection is
     Dense(768, (3, 12, 64)) with axes ("embed", None, "heads", "head_dim"). Parameters are stored in
-    `param_dtype` and cast to `dtype` for the computation.
+    `param_dtype` and cast to `dtype` for the computation. `lora`, when set (by
+    `m3d_jax.train.lora.apply_lora`), is a low-rank adapter module called on the cast inputs and added.
     """
+
+    lora: nnx.Module | None = None
 
     def __init__(
         self,
@@ -54,9 +57,12 @@ class Dense(nnx.Module):
         kernel = self.kernel[...].astype(self.dtype)
         batch_ndim = inputs.ndim - n_in
         contract = (tuple(range(batch_ndim, inputs.ndim)), tuple(range(n_in)))
-        outputs = jax.lax.dot_general(inputs.astype(self.dtype), kernel, (contract, ((), ())), precision=self.precision)
+        inputs = inputs.astype(self.dtype)
+        outputs = jax.lax.dot_general(inputs, kernel, (contract, ((), ())), precision=self.precision)
         if self.bias is not None:
             outputs = outputs + self.bias[...].astype(self.dtype)
+        if self.lora is not None:
+            outputs = outputs + self.lora(inputs)
         return outputs
 
 

@@ -185,9 +185,13 @@ class Lamed(nnx.Module):
             else:
                 image_starts = jnp.asarray(image_token_starts(np.asarray(input_ids), self.config))
         embeds = self.language_model.embed_tokens(input_ids)
-        features = self.encode_images(images).astype(embeds.dtype)
-        splice = jax.vmap(lambda row, feats, start: jax.lax.dynamic_update_slice_in_dim(row, feats, start, axis=0))
-        return splice(embeds, features, image_starts)
+        features = self.encode_images(images).astype(embeds.dtype)  # [B, N, H]
+        # An elementwise select of gathered rows (not a per-row dynamic_update_slice), which the SPMD
+        # partitioner keeps in the batch-sharded layout.
+        offsets = jnp.arange(input_ids.shape[1])[None] - image_starts[:, None]  # [B, T]
+        inside = (offsets >= 0) & (offsets < features.shape[1])
+        gathered = jnp.take_along_axis(features, jnp.clip(offsets, 0, features.shape[1] - 1)[..., None], axis=1)
+        return jnp.where(inside[..., None], gathered, embeds)
 
     def __call__(
         self,

@@ -1,6 +1,7 @@
 """AdamW with linear warmup + cosine decay, global-norm clipping, a weight-decay mask (no decay on
 vectors: biases, norm scales, cls token; nor on embeddings), gradient accumulation, and skipped updates
-for non-finite gradients (the parameters and optimiser state stay as they were)."""
+for non-finite gradients (the parameters and optimiser state stay as they were; optax would apply one after
+N skips in a row, so here it never does — the trainer stops instead, see `max_consecutive_nonfinite`)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ class OptimConfig:
     eps: float = 1e-8
     clip_norm: float = 1.0  # 0 = no clipping
     accumulation_steps: int = 1
-    max_consecutive_nonfinite: int = 10  # skip updates with NaN/Inf gradients; fail after this many in a row
+    nonfinite: str = "skip"  # NaN/Inf loss or gradients: "skip" the update, or "stop" training
+    max_consecutive_nonfinite: int = 10  # with "skip": stop after this many skipped steps in a row
 
 
 def schedule(config: OptimConfig) -> optax.Schedule:
@@ -42,11 +44,14 @@ def decay_mask(params) -> object:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+NEVER = 2**30  # apply_if_finite's limit: never let a non-finite update through
+
+
 def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
     parts = []
     if config.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(config.clip_norm))
     parts.append(optax.adamw(schedule(config), b1=config.b1, b2=config.b2, eps=config.eps,
                              weight_decay=config.weight_decay, mask=decay_mask))
-    tx = optax.apply_if_finite(optax.chain(*parts), config.max_consecutive_nonfinite)
+    tx = optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=NEVER)
     return optax.MultiSteps(tx, config.accumulation_steps) if config.accumulation_steps > 1 else tx

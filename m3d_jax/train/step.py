@@ -4,11 +4,14 @@ no optimiser state)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+
+from m3d_jax.train.lora import LoraParam, lora_dropout
 
 # Parameter-path prefixes trained in each stage (REFERENCE §1.7).
 STAGES: dict[str, tuple[str, ...]] = {
@@ -18,33 +21,50 @@ STAGES: dict[str, tuple[str, ...]] = {
 }
 
 
-def trainable(stage: str) -> nnx.filterlib.Filter:
-    """An NNX filter selecting the parameters the stage trains."""
+# With LoRA, these language-model parameters are still trained fully (the recipe's embeddings and lm_head).
+LORA_FULLY_TRAINED = ("language_model/embed_tokens", "language_model/lm_head")
+
+
+def trainable(stage: str, lora: bool = False) -> nnx.filterlib.Filter:
+    """An NNX filter selecting the parameters the stage trains. With `lora`, the language model's other
+    weights are frozen and its LoRA parameters trained instead (when the stage trains the LLM)."""
     if stage not in STAGES:
         raise ValueError(f"unknown training stage {stage!r}; choose one of {sorted(STAGES)}")
     prefixes = STAGES[stage]
+    trains_llm = any("language_model".startswith(prefix) for prefix in prefixes)
 
     def selected(path, variable) -> bool:
+        if not isinstance(variable, nnx.Param):
+            return False
         name = "/".join(map(str, path))
-        return isinstance(variable, nnx.Param) and any(name.startswith(prefix) for prefix in prefixes)
+        if lora and name.startswith("language_model"):
+            return trains_llm and (isinstance(variable, LoraParam) or name.startswith(LORA_FULLY_TRAINED))
+        return any(name.startswith(prefix) for prefix in prefixes)
 
     return selected
 
 
-def make_train_step(loss_fn: Callable, wrt: nnx.filterlib.Filter):
-    """A jitted step(model, optimizer, batch) → metrics; updates the trainable parameters in place."""
+def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, wrt: nnx.filterlib.Filter, *,
+                    state_shardings: Any = None, batch_shardings: Any = None) -> Callable:
+    """One jitted step(state, batch, key) → (state, metrics) over the split (model, optimizer) state.
 
-    @nnx.jit(donate_argnums=(0, 1))
-    def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Mapping[str, jax.Array]):
+    `loss_fn(model, batch, rngs) -> (loss, metrics)`; gradients flow only to the parameters `wrt`
+    selects. The state is donated and laid out by `state_shardings` on the way in and out, the batch by
+    `batch_shardings`; `key` drives dropout (including LoRA dropout). The optimiser skips updates whose
+    gradients are not finite (see `make_optimizer`); `metrics["finite"]` says whether this one was."""
+
+    def train_step(state: nnx.State, batch: Mapping[str, jax.Array], key: jax.Array):
+        model, optimizer = nnx.merge(graphdef, state)
+
         def loss(model):
-            value, metrics = loss_fn(model, batch)
-            return value, metrics
+            with lora_dropout(key):
+                return loss_fn(model, batch, nnx.Rngs(dropout=key))
 
         (value, metrics), grads = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, wrt), has_aux=True)(model)
         metrics = dict(metrics, grad_norm=optax.global_norm(grads))
-        finite = jnp.isfinite(value) & jnp.isfinite(metrics["grad_norm"])
-        metrics["finite"] = finite
+        metrics["finite"] = jnp.isfinite(value) & jnp.isfinite(metrics["grad_norm"])
         optimizer.update(model, grads)
-        return metrics
+        return nnx.state((model, optimizer)), metrics
 
-    return train_step
+    return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings, None),
+                   out_shardings=(state_shardings, None), donate_argnums=(0,))

@@ -1,0 +1,41 @@
+"""python -m m3d_jax.train --config=configs/NAME.py --workdir=DIR [--config.key=value ...]
+
+Trains (or resumes) the run in DIR. Multi-host jobs start one such process per host (see launch/)."""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py[:variant])",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics, TensorBoard, exports "
+                               "(local path or gs://; shared by all hosts)")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    import os
+
+    from absl import logging
+
+    if not flags.FLAGS["verbosity"].present:  # keep the console to the progress bar and our messages
+        logging.set_verbosity(logging.WARNING)
+
+    config = _CONFIG.value
+    if config.get("cpu_devices"):  # read when JAX starts its CPU backend, so set it before any JAX use
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={config.cpu_devices}").strip()
+    import jax
+
+    if config.get("platform"):
+        jax.config.update("jax_platforms", config.platform)
+    from m3d_jax.train.distributed import initialize
+
+    initialize()
+    from m3d_jax.train.trainer import train
+
+    train(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,424 @@
+"""The LaMed training loop: a mesh from the config, the model created sharded (and filled from pretrained
+checkpoints), LoRA, the stage's trainable filter, one jitted step with donated state, Orbax checkpoints
+(async every K steps, keep N, saved on preemption, restored onto any mesh) that include the data
+iterator's position, metrics with tokens/s and MFU, periodic eval (loss and closed-VQA accuracy by greedy
+decoding), and at the end a final checkpoint plus a PyTorch export in the released layout.
+
+Run it with `python -m m3d_jax.train --config=configs/NAME.py --workdir=DIR`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+from ml_collections import ConfigDict
+
+from m3d_jax.data.augment import AugmentConfig
+from m3d_jax.data.pipeline import SampleSpec, build_mixture, iterate, to_global_arrays
+from m3d_jax.models.decoder import DecoderConfig
+from m3d_jax.models.decoder_presets import PRESETS
+from m3d_jax.models.lamed import Lamed, LamedConfig, lamed_loss
+from m3d_jax.models.vit3d import ViT3DConfig
+from m3d_jax.sharding import MeshConfig, batch_sharding, create_sharded, make_mesh, replicate_strays, shard_model
+from m3d_jax.train.checkpoints import Checkpoints, abstract_like
+from m3d_jax.train.lora import LoraConfig, apply_lora, merge_lora
+from m3d_jax.train.metrics import MetricWriter, mfu, peak_flops, step_flops
+from m3d_jax.train.optim import OptimConfig, make_optimizer, schedule
+from m3d_jax.train.step import make_train_step, trainable
+
+MODEL_INPUTS = ("images", "input_ids", "attention_mask", "labels", "seg_masks")
+KILL_AT_SAVE = "M3D_JAX_FAULT_KILL_AT_SAVE"  # fault injection for tests: SIGKILL right after this step's save starts
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on purpose (non-finite loss per the config); the saved state is clean."""
+
+
+def build_tokenizer(name: str):
+    """"phantoms" (the offline word tokenizer of the phantom set) or a tokenizer folder; the LaMed tokens
+    are added. Returns (tokenizer, LamedTokenIds)."""
+    from m3d_jax.tokenizer import add_lamed_tokens, load_lamed_tokenizer
+
+    if name == "phantoms":
+        from m3d_jax.data.phantoms import phantom_tokenizer
+
+        tokenizer = phantom_tokenizer()
+        return tokenizer, add_lamed_tokens(tokenizer)
+    return load_lamed_tokenizer(name)
+
+
+def lamed_config(model: ConfigDict, ids, vocab_size: int) -> LamedConfig:
+    """The model section → LamedConfig. `decoder.preset` names a decoder preset whose fields the other
+    decoder keys override; the vocabulary is sized to the tokenizer (as LaMed resizes its embeddings) and
+    the image / [SEG] ids come from it."""
+    values = model.to_dict()
+    decoder = dict(values.pop("decoder", {}))
+    preset = decoder.pop("preset", "")
+    base = dataclasses.asdict(PRESETS[preset]()) if preset else {}
+    decoder_config = DecoderConfig.from_dict({**base, **decoder, "vocab_size": vocab_size})
+    vision = ViT3DConfig.from_dict(values.pop("vision", {}))
+    return dataclasses.replace(LamedConfig.from_dict(values), vision=vision, decoder=decoder_config,
+                               image_token_id=ids.image, seg_token_id=ids.seg)
+
+
+def _on_host():
+    """A context placing eagerly created arrays in host memory (loading pretrained weights)."""
+    return jax.default_device(jax.local_devices(backend="cpu")[0])
+
+
+def load_pretrained(model: Lamed, init: ConfigDict, mesh) -> None:
+    """Fills parts of a sharded model from checkpoints: `lamed` (a whole LaMed: released folder or an
+    m3d-jax folder), else `language_model` (a transformers Phi-3 / Llama folder, embeddings resized to the
+    tokenizer with mean-initialised new rows) and/or `vision_tower` (an M3D-CLIP / ViT checkpoint). Each part
+    is read on the host and placed in the model's layout."""
+    from m3d_jax.sharding import state_shardings
+
+    def place(module: nnx.Module, loaded: nnx.Module, name: str, source: str) -> None:
+        target = nnx.state(module)
+        state = nnx.state(loaded)
+        if jax.tree.map(np.shape, target) != jax.tree.map(np.shape, state):
+            raise ValueError(f"{source}: the {name} in this checkpoint does not match the configured model; "
+                             "set the config's model section to the checkpoint's sizes")
+        nnx.update(module, jax.device_put(state, state_shardings(target, mesh)))
+
+    if init.get("lamed"):
+        from m3d_jax.convert.lamed import load_lamed_folder
+
+        with _on_host():
+            place(model, load_lamed_folder(init.lamed), "LaMed", init.lamed)
+        return
+    if init.get("language_model"):
+        from m3d_jax.convert.decoder import load_hf_decoder
+        from m3d_jax.tokenizer import resize_token_embeddings
+
+        config = model.config.decoder
+        with _on_host():
+            loaded, _ = load_hf_decoder(init.language_model, dtype=config.dtype, remat=config.remat,
+                                        scan_layers=config.scan_layers)
+            added = max(0, config.vocab_size - loaded.config.vocab_size)
+            loaded = resize_token_embeddings(loaded, config.vocab_size, added)
+            place(model.language_model, loaded, "language model", init.language_model)
+    if init.get("vision_tower"):
+        from m3d_jax.convert.vit3d import load_vit3d
+
+        with _on_host():
+            loaded, _ = load_vit3d(init.vision_tower, model.config.vision, init.get("vision_layout", "m3d_clip_vision"))
+            place(model.vision_tower, loaded, "vision tower", init.vision_tower)
+
+
+def sample_spec(config: ConfigDict, model_config: LamedConfig, *, train: bool) -> SampleSpec:
+    data = config.data
+    return SampleSpec(image_size=model_config.vision.image_size, proj_out_num=model_config.proj_out_num,
+                      image_token_id=model_config.image_token_id, max_length=int(data.max_length),
+                      in_channels=model_config.vision.in_channels,
+                      augment=_augment(data.get("augment", True)) if train else None,
+                      window=tuple(data.window) if data.get("window") else None,
+                      skip_bad_records=bool(data.get("skip_bad_records", False)))
+
+
+def _augment(setting) -> AugmentConfig | None:
+    """data.augment: True (the reference recipe), False, or a mapping of AugmentConfig fields."""
+    if not setting:
+        return None
+    return AugmentConfig() if setting is True else AugmentConfig(**dict(setting))
+
+
+def _loss(model, batch, rngs):
+    return lamed_loss(model, batch, rngs)
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything `train` builds from a config (also used by benchmarks and tests)."""
+
+    mesh: jax.sharding.Mesh
+    tokenizer: Any
+    model_config: LamedConfig
+    model: Lamed
+    optimizer: nnx.Optimizer
+    optim_config: OptimConfig
+    wrt: Any
+
+
+def setup(config: ConfigDict) -> Setup:
+    mesh = make_mesh(MeshConfig(**config.mesh))
+    tokenizer, ids = build_tokenizer(config.tokenizer)
+    model_config = lamed_config(config.model, ids, len(tokenizer))
+    lora = LoraConfig(**config.lora) if config.lora.rank > 0 else None
+    model = create_sharded(lambda: Lamed(model_config, rngs=nnx.Rngs(config.seed)), mesh)
+    load_pretrained(model, config.get("init", ConfigDict()), mesh)
+    if lora is not None:
+        apply_lora(model, lora, rngs=nnx.Rngs(config.seed + 1))
+        model = shard_model(model, mesh)
+    optim = OptimConfig(**{**config.optim.to_dict(),
+                           "total_steps": max(1, config.total_steps // config.optim.get("accumulation_steps", 1))})
+    wrt = trainable(config.stage, lora=lora is not None)
+    optimizer = nnx.Optimizer(model, make_optimizer(optim), wrt=wrt)
+    replicate_strays(optimizer, mesh)
+    return Setup(mesh, tokenizer, model_config, model, optimizer, optim, wrt)
+
+
+def train(config: ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains to `config.total_steps` (resuming from the latest checkpoint in `workdir`) and returns the
+    final evaluation metrics."""
+    process, processes = jax.process_index(), jax.process_count()
+    primary = process == 0
+    run = setup(config)
+    mesh, model_config = run.mesh, run.model_config
+    graphdef, state = nnx.split((run.model, run.optimizer))
+    del run.model, run.optimizer
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    batch_shardings = {key: batch_sharding(mesh, 2 if key in ("input_ids", "attention_mask", "labels") else 5)
+                       for key in MODEL_INPUTS}  # [B, L] token arrays, [B, C, D, H, W] volumes
+    step_fn = make_train_step(graphdef, _loss, run.wrt, state_shardings=shardings, batch_shardings=batch_shardings)
+
+    _ensure_phantoms(config.data, primary)
+    spec = sample_spec(config, model_config, train=True)
+    dataset = build_mixture(config.data, run.tokenizer, spec, seed=config.seed, process_index=process,
+                            process_count=processes)
+    iterator = iterate(dataset, threads=config.data.get("threads") or None)
+
+    ckpt = Checkpoints(os.path.join(workdir, "checkpoints"), every=config.checkpoint.every, keep=config.checkpoint.keep,
+                       async_save=config.checkpoint.get("async_save", True))
+    start = ckpt.latest_step() or 0
+    if start:
+        restored, _ = ckpt.restore(start, nnx.to_pure_dict(abstract_like(state)), iterator)
+        nnx.replace_by_pure_dict(state, restored)
+        logging.info("resumed from step %d of %s", start, ckpt.directory)
+
+    writer = MetricWriter(workdir, config.total_steps, start, enabled=primary, progress=config.get("progress", True))
+    writer.message(f"training {type(model_config).__name__}: {_count(state, run.wrt, graphdef)} on mesh "
+                   f"{dict(mesh.shape)} ({jax.device_count()} devices, {processes} processes), steps {start}→"
+                   f"{config.total_steps}")
+    preempted = _Preemption(ckpt, processes)
+    lr = schedule(run.optim_config)
+    base_key = jax.random.key(config.seed + 2)
+    samples_log = (open(os.path.join(workdir, f"samples_p{process}.jsonl"), "a")  # this process's rows
+                   if config.get("log_samples") else None)
+    peak = peak_flops(override=config.get("peak_flops_per_device", 0.0))
+    flops = None
+    window = _Window()
+    nonfinite_streak = 0
+    pending = None
+    step = start
+    try:
+        while step < config.total_steps:
+            host_batch = next(iterator)
+            sample_index = host_batch.pop("sample_index", None)
+            batch = to_global_arrays({k: host_batch[k] for k in MODEL_INPUTS}, mesh)
+            key = jax.random.fold_in(base_key, step)
+            if flops is None:
+                flops = step_flops(step_fn.lower(state, batch, key)) or 0.0
+            state, metrics = step_fn(state, batch, key)
+            step += 1
+            window.add(int(host_batch["attention_mask"].sum()) * processes)
+            if samples_log is not None and sample_index is not None:
+                samples_log.write(f'{{"step": {step}, "samples": {sample_index.tolist()}}}\n')
+                samples_log.flush()
+            # Check the previous step's finiteness now that this one is queued (no host-device bubble).
+            if pending is not None:
+                nonfinite_streak = _check_finite(pending, config, writer, nonfinite_streak)
+            pending = (step, metrics)
+            writer.advance()
+            if step % config.log_every == 0 or step == config.total_steps:
+                nonfinite_streak = _check_finite(pending, config, writer, nonfinite_streak)
+                pending = None
+                seconds = window.seconds_per_step()
+                scalars = {k: float(v) for k, v in metrics.items() if k != "finite"}
+                scalars.update(lr=float(lr(max(0, (step - 1) // run.optim_config.accumulation_steps))),
+                               step_time_s=seconds, tokens_per_s=window.tokens_per_s(),
+                               mfu=mfu(flops, seconds, jax.device_count(), peak))
+                writer.write(step, scalars)
+                window.reset()
+            meta = {"config": config.to_json()}
+            if ckpt.save(step, nnx.to_pure_dict(state), iterator, meta):
+                if os.environ.get(KILL_AT_SAVE) == str(step):
+                    os.kill(os.getpid(), signal.SIGKILL)
+            if preempted(step):
+                ckpt.save(step, nnx.to_pure_dict(state), iterator, meta, force=True)
+                ckpt.wait()
+                writer.message(f"preempted: saved step {step} to {ckpt.directory}; rerun the same command to resume")
+                return {}
+            if config.eval.every and step % config.eval.every == 0 and step < config.total_steps:
+                writer.write(step, evaluate(graphdef, state, run, config), prefix="eval")
+        if pending is not None:
+            _check_finite(pending, config, writer, nonfinite_streak)
+        ckpt.save(step, nnx.to_pure_dict(state), iterator, {"config": config.to_json()}, force=True)
+        ckpt.wait()
+        results = evaluate(graphdef, state, run, config)
+        writer.write(step, results, prefix="eval")
+        writer.message("final eval: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
+        if config.get("export_pytorch", True):
+            folder = os.path.join(workdir, "pytorch")
+            export_pytorch(nnx.merge(graphdef, state)[0], run.tokenizer, folder, primary)
+            writer.message(f"wrote the PyTorch export (released LaMed layout) to {folder}")
+        return results
+    finally:
+        ckpt.close()
+        writer.close()
+        if samples_log is not None:
+            samples_log.close()
+        preempted.restore()
+
+
+def _ensure_phantoms(data: ConfigDict, primary: bool) -> None:
+    """Writes the phantom set to `data.root` when the config asks for one (`phantom_cases`) and it is not
+    there yet (process 0 writes; the others wait)."""
+    cases = data.get("phantom_cases", 0)
+    if not cases or os.path.exists(os.path.join(data.root, "cap.json")):
+        return
+    if primary:
+        from m3d_jax.data.phantoms import write_phantoms
+
+        logging.info("writing %d phantom cases to %s", cases, data.root)
+        write_phantoms(data.root, num_cases=cases, seed=0)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("phantoms written")
+
+
+def _count(state, wrt, graphdef) -> str:
+    model = nnx.merge(graphdef, state)[0]
+    total = trained = 0
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        total += variable[...].size
+        trained += variable[...].size if wrt(path, variable) else 0
+    return f"{total / 1e6:.2f} M parameters, {trained / 1e6:.2f} M trained"
+
+
+def _check_finite(pending, config, writer, streak: int) -> int:
+    step, metrics = pending
+    if bool(metrics["finite"]):
+        return 0
+    loss = float(metrics["loss"])
+    if config.optim.get("nonfinite", "skip") == "stop":
+        raise TrainingStopped(f"step {step}: the loss or gradients are not finite (loss {loss}); the update was "
+                              f"not applied and training stops (optim.nonfinite='stop'). The last checkpoint is "
+                              f"clean; lower the learning rate or check the data, then rerun to resume.")
+    streak += 1
+    writer.message(f"step {step}: non-finite loss or gradients (loss {loss}); update skipped ({streak} in a row)")
+    limit = config.optim.get("max_consecutive_nonfinite", 10)
+    if streak >= limit:
+        raise TrainingStopped(f"step {step}: {streak} non-finite steps in a row (optim.max_consecutive_nonfinite="
+                              f"{limit}); stopping. No non-finite update was applied; the last checkpoint is clean.")
+    return streak
+
+
+class _Window:
+    """Steps and tokens since the last log line, for step time and tokens/s."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.steps, self.tokens = time.perf_counter(), 0, 0
+
+    def add(self, tokens: int) -> None:
+        self.steps += 1
+        self.tokens += tokens
+
+    def seconds_per_step(self) -> float:
+        return (time.perf_counter() - self.start) / max(1, self.steps)
+
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(1e-9, time.perf_counter() - self.start)
+
+
+class _Preemption:
+    """SIGTERM → save and exit at the next step boundary. With several processes, JAX's preemption sync
+    point (via Orbax) makes every process agree on the step."""
+
+    def __init__(self, ckpt: Checkpoints, processes: int):
+        self.ckpt, self.processes, self.flag = ckpt, processes, False
+        self.previous = None
+        if processes == 1:
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.flag = True
+
+    def __call__(self, step: int) -> bool:
+        if self.processes > 1:
+            return self.ckpt.manager.reached_preemption(step)
+        return self.flag
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def evaluate(graphdef, state, run: Setup, config: ConfigDict) -> dict[str, float]:
+    """Eval loss over `eval.loss_batches` batches of the eval sources, and closed-VQA accuracy (the
+    M3D-Bench rule: correct when "{letter}." occurs in the greedy answer) on `eval.vqa_samples` questions."""
+    from m3d_jax.data.pipeline import build_source
+    from m3d_jax.data.prompts import prompt_ids
+    from m3d_jax.data.volume import load_volume, prepare
+    from m3d_jax.generate import SamplingConfig, left_pad
+    from m3d_jax.models.lamed import generate_lamed
+
+    model = nnx.merge(graphdef, state)[0]
+    model_config, tokenizer, eval_config = run.model_config, run.tokenizer, config.eval
+    results: dict[str, float] = {}
+    if eval_config.loss_batches:
+        data = ConfigDict(dict(config.data.to_dict(), sources=eval_config.sources, batch_size=eval_config.batch_size))
+        spec = sample_spec(config, model_config, train=False)
+        iterator = iterate(build_mixture(data, tokenizer, spec, seed=config.seed, process_index=jax.process_index(),
+                                         process_count=jax.process_count()))
+        losses = []
+        for _ in range(eval_config.loss_batches):
+            host = next(iterator)
+            batch = to_global_arrays({k: host[k] for k in MODEL_INPUTS}, run.mesh)
+            losses.append(float(_eval_loss(model, batch)["lm_loss"]))
+        results["lm_loss"] = float(np.mean(losses))
+    if eval_config.vqa_samples:
+        source = build_source(dict(kind="vqa_closed", path=eval_config.vqa_path), config.data.get("root"))
+        records = source.records[: eval_config.vqa_samples]
+        sampling = SamplingConfig(max_new_tokens=eval_config.max_new_tokens, eos_token_ids=(tokenizer.eos_token_id,),
+                                  pad_token_id=tokenizer.pad_token_id, seed=42)
+        correct = 0
+        for begin in range(0, len(records), eval_config.batch_size):
+            chunk = records[begin:begin + eval_config.batch_size]
+            images = np.stack([prepare(load_volume(r["image"]).array, model_config.vision.image_size,
+                                       tuple(config.data.window) if config.data.get("window") else None)[0]
+                               for r in chunk])
+            prompts = [prompt_ids(tokenizer, r["question"], proj_out_num=model_config.proj_out_num,
+                                  image_token_id=model_config.image_token_id) for r in chunk]
+            ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+            out = generate_lamed(model, images, ids, attention_mask=mask, config=sampling)
+            tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+            for row, record in enumerate(chunk):
+                answer = tokenizer.decode(tokens[row, : lengths[row]], skip_special_tokens=True)
+                correct += f"{record['choice']}." in answer
+        results["vqa_closed_accuracy"] = correct / max(1, len(records))
+    return results
+
+
+@nnx.jit
+def _eval_loss(model, batch):
+    return lamed_loss(model, batch)[1]
+
+
+def export_pytorch(model: Lamed, tokenizer, folder: str, primary: bool = True) -> None:
+    """LoRA merged into the LLM, then the released M3D-LaMed layout (config.json + safetensors) and the
+    tokenizer; with several processes the parameters are gathered and process 0 writes."""
+    from m3d_jax.convert.lamed import export_lamed
+
+    merge_lora(model)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        graphdef, state = nnx.split(model)
+        state = jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True), state)
+        model = nnx.merge(graphdef, state)
+    if primary:
+        export_lamed(model, folder)
+        tokenizer.save_pretrained(folder)

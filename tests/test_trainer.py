@@ -1,0 +1,213 @@
+"""The training entry point end to end on the demo config (tiny LaMed on phantoms): the short demo, exact
+resume after SIGKILL (also mid-checkpoint-write), restore onto another mesh, non-finite handling, and two
+real processes matching one."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).parent.parent
+DEMO = ROOT / "configs" / "demo.py"
+QUICK = ["--config.data.batch_size=8", "--config.log_every=1", "--config.log_samples=True",
+         "--config.checkpoint.every=1", "--config.checkpoint.keep=0", "--config.eval.loss_batches=0",
+         "--config.eval.vqa_samples=0", "--config.export_pytorch=False", "--config.progress=False"]
+
+
+@pytest.fixture(scope="module")
+def phantom_root(tmp_path_factory):
+    from m3d_jax.data.phantoms import write_phantoms
+
+    return write_phantoms(tmp_path_factory.mktemp("phantoms"), num_cases=24, seed=0)
+
+
+def _train(workdir, root, *overrides, env=None, check=True, devices=8):
+    command = _command(workdir, root, devices, *overrides)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                            env={**os.environ, "XLA_FLAGS": "", **(env or {})})
+    if check and result.returncode != 0:
+        raise AssertionError(f"training failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def _command(workdir, root, devices, *overrides) -> list[str]:
+    return [sys.executable, "-m", "m3d_jax.train", f"--config={DEMO}", f"--workdir={workdir}",
+            f"--config.data.root={root}", f"--config.cpu_devices={devices}", *overrides]
+
+
+def _losses(workdir) -> dict[int, float]:
+    rows = [json.loads(line) for line in open(pathlib.Path(workdir) / "metrics.jsonl")]
+    return {row["step"]: row["loss"] for row in rows if row["split"] == "train"}
+
+
+def _samples(workdir, process: int = 0) -> dict[int, list[int]]:
+    lines = open(pathlib.Path(workdir) / f"samples_p{process}.jsonl")
+    return {row["step"]: row["samples"] for row in map(json.loads, lines)}
+
+
+def _finished_steps(workdir) -> list[int]:
+    return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_demo_short_run_trains_evaluates_and_exports(phantom_root, tmp_path):
+    """The README's main job, a few steps: loss falls, eval runs, Orbax checkpoint and PyTorch export exist."""
+    result = _train(tmp_path, phantom_root, "--config.total_steps=12", "--config.log_every=4",
+                    "--config.eval.vqa_samples=6", "--config.eval.loss_batches=1", "--config.progress=False")
+    losses = _losses(tmp_path)
+    assert losses[12] < losses[4], losses
+    assert "final eval: lm_loss" in result.stdout + result.stderr
+    evals = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"eval"' in line]
+    assert 0.0 <= evals[-1]["vqa_closed_accuracy"] <= 1.0 and np.isfinite(evals[-1]["lm_loss"])
+    assert _finished_steps(tmp_path)[-1] == 12
+    export = tmp_path / "pytorch"
+    config = json.loads((export / "config.json").read_text())
+    assert config["model_type"] == "lamed_phi3" and (export / "tokenizer.json").exists()
+    assert any(export.glob("*.safetensors"))
+    assert list((tmp_path / "tensorboard").iterdir())
+
+
+def test_sigkill_mid_save_then_resume_replays_the_same_losses_and_samples(phantom_root, tmp_path):
+    steps = 8
+    reference = tmp_path / "uninterrupted"
+    _train(reference, phantom_root, f"--config.total_steps={steps}", *QUICK)
+    expected_losses, expected_samples = _losses(reference), _samples(reference)
+
+    kill_step = int(np.random.default_rng().integers(3, 7))
+    killed = tmp_path / "killed"
+    result = _train(killed, phantom_root, f"--config.total_steps={steps}", *QUICK,
+                    env={"M3D_JAX_FAULT_KILL_AT_SAVE": str(kill_step)}, check=False)
+    assert result.returncode == -9, result.stderr[-2000:]
+    # The step being written when the process died is not a checkpoint; the one before it is.
+    assert _finished_steps(killed)[-1] == kill_step - 1, (kill_step, _finished_steps(killed))
+
+    _train(killed, phantom_root, f"--config.total_steps={steps}", *QUICK)
+    resumed_losses, resumed_samples = _losses(killed), _samples(killed)  # the last line per step wins
+    for step in range(1, steps + 1):
+        assert resumed_losses[step] == expected_losses[step], (step, kill_step)
+        assert resumed_samples[step] == expected_samples[step]
+    consumed = [i for step in range(1, steps + 1) for i in resumed_samples[step]]
+    assert consumed == list(range(steps * 8)), "samples repeated or skipped across the restart"
+
+    # The same run restored onto a different mesh shape continues with the same losses (fp32 tolerance).
+    other = tmp_path / "other_mesh"
+    shutil.copytree(reference / "checkpoints", other / "checkpoints")
+    for step in (7, 8):
+        shutil.rmtree(other / "checkpoints" / str(step))
+    _train(other, phantom_root, f"--config.total_steps={steps}", *QUICK, "--config.mesh.data=1",
+           "--config.mesh.fsdp=4", "--config.mesh.tensor=2")
+    other_losses = _losses(other)
+    for step in (7, 8):
+        assert abs(other_losses[step] - expected_losses[step]) <= 1e-5 * abs(expected_losses[step]), step
+    assert _samples(other)[7] == expected_samples[7]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(phantom_root, tmp_path):
+    mesh = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=1", "--config.total_steps=3"]
+    single = tmp_path / "single"
+    _train(single, phantom_root, *QUICK, *mesh, devices=4)
+    port = _free_port()
+    multi = tmp_path / "multi"
+    command = _command(multi, phantom_root, 2, *QUICK, *mesh)
+    processes = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, "XLA_FLAGS": "", "M3D_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                                       "M3D_NUM_PROCESSES": "2", "M3D_PROCESS_ID": str(index),
+                                       "M3D_CPU_COLLECTIVES": "gloo"})
+                 for index in range(2)]
+    try:
+        outputs = [process.communicate(timeout=600) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    for process, (_, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stderr[-4000:]
+    one, two = _losses(single), _losses(multi)
+    assert sorted(two) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert abs(one[step] - two[step]) <= 1e-6 * abs(one[step]), (step, one[step], two[step])
+    rows = [_samples(multi, 0), _samples(multi, 1)]
+    assert {step: rows[0][step] + rows[1][step] for step in (1, 2, 3)} == _samples(single)
+
+
+def _in_process_config(root, **changes):
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["prog", f"--config={DEMO}", f"--config.data.root={root}", "--config.mesh.data=1", "--config.mesh.fsdp=1",
+            "--config.mesh.tensor=1", "--config.total_steps=5", *QUICK]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", str(DEMO), flag_values=flag_values, sys_argv=argv, lock_config=False)
+    flag_values(argv)
+    config = flag_values.config
+    for key, value in changes.items():
+        section, _, name = key.rpartition(".")
+        setattr(config[section] if section else config, name, value)
+    return config
+
+
+def _poison_step(monkeypatch, bad_step: int):
+    """Makes the images of the `bad_step`-th batch NaN (forces a non-finite loss)."""
+    import m3d_jax.train.trainer as trainer
+
+    calls = {"n": 0}
+    original = trainer.to_global_arrays
+
+    def poisoned(batch, mesh):
+        calls["n"] += 1
+        if calls["n"] == bad_step:
+            batch = dict(batch, images=np.full_like(batch["images"], np.nan))
+        return original(batch, mesh)
+
+    monkeypatch.setattr(trainer, "to_global_arrays", poisoned)
+
+
+def _restored_params(workdir, config):
+    from flax import nnx
+
+    from m3d_jax.train import trainer
+    from m3d_jax.train.checkpoints import Checkpoints, abstract_like
+
+    run = trainer.setup(config)
+    state = nnx.state((run.model, run.optimizer))
+    checkpoints = Checkpoints(str(pathlib.Path(workdir) / "checkpoints"), every=1, keep=0)
+    step = checkpoints.latest_step()
+    restored, _ = checkpoints.restore(step, nnx.to_pure_dict(abstract_like(state)))
+    checkpoints.close()
+    return step, [np.asarray(x) for x in __import__("jax").tree.leaves(restored)]
+
+
+def test_nonfinite_loss_stops_with_a_clear_message_and_a_clean_checkpoint(phantom_root, tmp_path, monkeypatch):
+    from m3d_jax.train.trainer import TrainingStopped, train
+
+    config = _in_process_config(phantom_root, **{"optim.nonfinite": "stop"})
+    _poison_step(monkeypatch, 3)
+    with pytest.raises(TrainingStopped, match=r"step 3: the loss or gradients are not finite .* was not applied"):
+        train(config, str(tmp_path))
+    step, leaves = _restored_params(tmp_path, config)
+    assert step in (2, 3) and all(np.isfinite(x).all() for x in leaves if np.issubdtype(x.dtype, np.floating))
+
+
+def test_nonfinite_loss_is_skipped_per_config_and_training_continues(phantom_root, tmp_path, monkeypatch, capsys):
+    from m3d_jax.train.trainer import train
+
+    config = _in_process_config(phantom_root, **{"optim.nonfinite": "skip"})
+    _poison_step(monkeypatch, 2)
+    train(config, str(tmp_path))
+    assert "step 2: non-finite loss or gradients (loss nan); update skipped (1 in a row)" in capsys.readouterr().out
+    losses = _losses(tmp_path)
+    assert np.isnan(losses[2]) and all(np.isfinite(losses[s]) for s in (1, 3, 4, 5))
+    step, leaves = _restored_params(tmp_path, config)
+    assert step == 5 and all(np.isfinite(x).all() for x in leaves if np.issubdtype(x.dtype, np.floating))

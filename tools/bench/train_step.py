@@ -1,0 +1,138 @@
+"""Training-step benchmark for any LaMed training config on the devices present: step time, tokens/s and
+MFU (XLA's FLOP count of the step against the chip's bf16 peak). On CPU it also times the same model's
+training step in PyTorch (MONAI ViT + transformers LLM, same weights, same batch, AdamW) and prints the ratio.
+
+  python tools/bench/train_step.py --config=configs/demo.py --config.mesh.data=1 --config.mesh.fsdp=1 \\
+      --config.mesh.tensor=1 --config.cpu_devices=0
+  python tools/bench/train_step.py --config=configs/lamed.py:stage2_phi3 --config.tokenizer=/models/Phi-3 \\
+      --config.init.lamed= --config.data.batch_size=8      # random weights, the full-size model
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from absl import app, flags
+from ml_collections import config_flags
+from timing import median_seconds  # tools/bench/timing.py (the script's folder is on sys.path)
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "training config", lock_config=False)
+_REPEATS = flags.DEFINE_integer("repeats", 5, "timed steps (median)")
+_TORCH = flags.DEFINE_enum("torch", "auto", ["auto", "yes", "no"], "also time PyTorch (auto: on CPU)")
+
+
+def _batch(config, run, rng):
+    import numpy as np
+
+    model = run.model_config
+    size, length = config.data.batch_size, config.data.max_length
+    ids = rng.integers(3, len(run.tokenizer) - 4, (size, length)).astype(np.int32)
+    ids[:, 0] = run.tokenizer.bos_token_id or 0
+    ids[:, 1:1 + model.proj_out_num] = model.image_token_id
+    labels = np.where(np.arange(length) >= length - length // 4, ids, -100).astype(np.int32)
+    images = rng.random((size, model.vision.in_channels, *model.vision.image_size), dtype=np.float32)
+    masks = np.zeros((size, 1, *model.vision.image_size), np.float32)
+    return dict(images=images, input_ids=ids, attention_mask=np.ones_like(ids), labels=labels, seg_masks=masks)
+
+
+def _time_jax(config, run, batch):
+    import jax
+    from flax import nnx
+
+    from m3d_jax.data.pipeline import to_global_arrays
+    from m3d_jax.sharding import batch_sharding
+    from m3d_jax.train.metrics import mfu, peak_flops, step_flops
+    from m3d_jax.train.step import make_train_step
+    from m3d_jax.train.trainer import MODEL_INPUTS, _loss
+
+    graphdef, state = nnx.split((run.model, run.optimizer))
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    batch_shardings = {k: batch_sharding(run.mesh, batch[k].ndim) for k in MODEL_INPUTS}
+    step = make_train_step(graphdef, _loss, run.wrt, state_shardings=shardings, batch_shardings=batch_shardings)
+    arrays = to_global_arrays(batch, run.mesh)
+    key = jax.random.key(0)
+    flops = step_flops(step.lower(state, arrays, key))
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], metrics = step(holder["state"], arrays, key)
+        jax.block_until_ready(metrics["loss"])
+
+    seconds = median_seconds(one_step, _REPEATS.value)
+    peak = peak_flops(override=config.get("peak_flops_per_device", 0.0))
+    return seconds, flops, mfu(flops, seconds, jax.device_count(), peak)
+
+
+def _torch_model(run):
+    """The same weights in the PyTorch composition (read before the JAX step donates them)."""
+    from m3d_jax.convert.lamed import export_lamed
+    from m3d_jax.parity.torch_reference import TorchLamed
+
+    with tempfile.TemporaryDirectory() as folder:
+        export_lamed(run.model, folder)
+        return TorchLamed.from_folder(folder).train()
+
+
+def _time_torch(model, batch):
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from m3d_jax.parity.torch_reference import TorchLamed
+
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
+    embed = TorchLamed.embed.__wrapped__  # the reference splice, with gradients
+
+    def one_step():
+        embeds = embed(model, tensors["images"], tensors["input_ids"].long())
+        logits = model.llm(inputs_embeds=embeds, attention_mask=tensors["attention_mask"]).logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tensors["labels"][:, 1:].flatten().long(),
+                               ignore_index=-100)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return median_seconds(one_step, _REPEATS.value)
+
+
+def main(argv):
+    del argv
+    config = _CONFIG.value
+    if config.get("cpu_devices"):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={config.cpu_devices}").strip()
+    import jax
+    import numpy as np
+
+    if config.get("platform"):
+        jax.config.update("jax_platforms", config.platform)
+    from m3d_jax.train.trainer import setup
+
+    run = setup(config)
+    batch = _batch(config, run, np.random.default_rng(0))
+    tokens = int(batch["attention_mask"].sum())
+    device = jax.devices()[0]
+    use_torch = _TORCH.value == "yes" or (_TORCH.value == "auto" and device.platform == "cpu")
+    torch_model = _torch_model(run) if use_torch else None
+    seconds, flops, utilisation = _time_jax(config, run, batch)
+    print(f"{device.platform} {device.device_kind} × {jax.device_count()}, mesh {dict(run.mesh.shape)}, "
+          f"batch {config.data.batch_size} × {config.data.max_length} tokens, stage {config.stage}")
+    line = f"JAX step {seconds * 1e3:.1f} ms, {tokens / seconds:.0f} tokens/s"
+    if flops:
+        line += f", {flops / 1e9:.2f} GFLOP/step = {flops / seconds / 1e9:.1f} GFLOP/s"
+    if utilisation is not None:
+        line += f", MFU {100 * utilisation:.1f}%"
+    print(line)
+    if torch_model is not None:
+        if jax.device_count() > 1:
+            print("note: JAX ran on", jax.device_count(), "devices; compare on mesh 1×1×1 for a like-for-like ratio")
+        torch_seconds = _time_torch(torch_model, batch)
+        print(f"PyTorch step {torch_seconds * 1e3:.1f} ms, {tokens / torch_seconds:.0f} tokens/s; "
+              f"JAX is {torch_seconds / seconds:.2f}× PyTorch")
+
+
+if __name__ == "__main__":
+    app.run(main)
