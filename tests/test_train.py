@@ -33,6 +33,16 @@ def test_schedule_warms_up_then_decays():
     assert float(lr(55)) < 1e-3 and float(lr(100)) < 1e-6
 
 
+def test_lr_multipliers_scale_updates_by_longest_path_prefix():
+    from m3d_jax.train.optim import scale_by_path
+
+    transform = scale_by_path({"vision_tower": 0.1, "vision_tower/blocks": 0.5})
+    updates = {"vision_tower": {"blocks": jnp.ones(2), "norm": jnp.ones(2)}, "mm_projector": jnp.ones(2)}
+    scaled, _ = transform.update(updates, transform.init(updates))
+    assert [float(scaled["vision_tower"]["blocks"][0]), float(scaled["vision_tower"]["norm"][0]),
+            float(scaled["mm_projector"][0])] == [0.5, pytest.approx(0.1), 1.0]
+
+
 def test_decay_mask_skips_vectors_and_embeddings():
     params = {"embed_tokens": {"embedding": jnp.zeros((4, 3))}, "dense": {"kernel": jnp.zeros((3, 3)),
                                                                           "bias": jnp.zeros(3)}}

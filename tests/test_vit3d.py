@@ -163,3 +163,15 @@ def test_full_size_parameter_count_matches_monai():
     theirs = sum(p.numel() for name, p in monai_model.state_dict().items() if not keymap.ignored_reason(name))
     assert ours == theirs
     assert 85e6 < ours < 90e6  # ViT-B with a 2048-entry position table
+
+
+def test_sincos_position_init_equals_monai_table():
+    from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
+
+    config = ViT3DConfig(image_size=(16, 64, 64), patch_size=(4, 16, 16), hidden_size=48, mlp_dim=96, num_layers=1,
+                         num_heads=4, position_init="sincos")
+    table = np.asarray(ViT3D(config, rngs=nnx.Rngs(0)).patch_embedding.position_embeddings[...])
+    reference = build_sincos_position_embedding(list(config.grid), 48, spatial_dims=3).detach().numpy()[0]
+    np.testing.assert_allclose(table, reference, atol=1e-6)
+    with pytest.raises(ValueError, match="divisible by 6"):
+        ViT3D(dataclasses.replace(config, hidden_size=64, num_heads=4), rngs=nnx.Rngs(0))

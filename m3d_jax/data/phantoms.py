@@ -23,7 +23,23 @@ def _ellipsoid(shape, centre, radii) -> np.ndarray:
 
 
 def make_case(rng: np.random.Generator, shape=(32, 64, 64)) -> dict:
-    """One phantom: volume [D, H, W] float32, lesion masks, and the facts the texts are built from."""
+    """One phantom: volume [D, H, W] float32, lesion masks, and the facts the texts are built from.
+
+    Drawn so that every question about it has one visible answer: lesions do not touch (counts are the
+    number of blobs), the largest is at least 1.3× the next in voxels and the brightest at least 0.15 above
+    the next; cases that miss these are redrawn."""
+    while True:
+        case = _draw_case(rng, shape)
+        if case is not None:
+            return case
+
+
+def _apart(a: dict, b: dict, margin: float = 2.0) -> bool:
+    """The lesions' bounding boxes are separated by more than `margin` voxels along some axis."""
+    return any(abs(ca - cb) > ra + rb + margin for ca, cb, ra, rb in zip(a["centre"], b["centre"], a["radii"], b["radii"]))
+
+
+def _draw_case(rng: np.random.Generator, shape) -> dict | None:
     d, h, w = shape
     volume = np.zeros(shape, np.float32)
     body = _ellipsoid(shape, (d / 2, h / 2, w / 2), (d * 0.45, h * 0.42, w * 0.45))
@@ -34,10 +50,17 @@ def make_case(rng: np.random.Generator, shape=(32, 64, 64)) -> dict:
         centre = (rng.uniform(0.3, 0.7) * d, rng.uniform(0.3, 0.7) * h,
                   (rng.uniform(0.22, 0.4) if side == "left" else rng.uniform(0.6, 0.78)) * w)
         radii = tuple(rng.uniform(0.06, 0.14) * n for n in shape)
+        if not all(_apart(dict(centre=centre, radii=radii), other) for other in lesions):
+            return None
         region = _ellipsoid(shape, centre, radii) & body
         brightness = float(rng.uniform(0.5, 1.0))
         volume[region] = brightness
-        lesions.append(dict(side=side, mask=region, size=int(region.sum()), brightness=brightness))
+        lesions.append(dict(side=side, mask=region, size=int(region.sum()), brightness=brightness, centre=centre,
+                            radii=radii))
+    sizes = sorted((lesion["size"] for lesion in lesions), reverse=True)
+    levels = sorted((lesion["brightness"] for lesion in lesions), reverse=True)
+    if len(lesions) > 1 and (sizes[0] < 1.3 * sizes[1] or levels[0] < levels[1] + 0.15):
+        return None
     volume += rng.normal(0, 0.01, shape).astype(np.float32) * body
     largest = max(lesions, key=lambda lesion: lesion["size"])
     brightest = max(lesions, key=lambda lesion: lesion["brightness"])

@@ -14,9 +14,24 @@ from m3d_jax.layers.linear import Dense
 from m3d_jax.layers.params import DType, param, truncated_normal
 
 
+def sincos_position_table(grid: Sequence[int], features: int, temperature: float = 10000.0) -> jax.Array:
+    """MONAI's 3D sin-cos position table [prod(grid), features] (its `pos_embed_type="sincos"`): per token,
+    [sin, cos](axis 1 · ω), [sin, cos](axis 0 · ω), [sin, cos](axis 2 · ω) with ω = temperature^(−k / (features/6))."""
+    if features % 6:
+        raise ValueError(f"a 3D sin-cos position table needs a width divisible by 6, got {features}")
+    omega = 1.0 / temperature ** (jnp.arange(features // 6, dtype=jnp.float32) / (features // 6))
+    coords = jnp.meshgrid(*[jnp.arange(n, dtype=jnp.float32) for n in grid], indexing="ij")
+    angles = [c.reshape(-1, 1) * omega for c in coords]  # axis 0, 1, 2
+    return jnp.concatenate([f(angles[axis]) for axis in (1, 0, 2) for f in (jnp.sin, jnp.cos)], axis=1)
+
+
 class PerceptronPatchEmbed3D(nnx.Module):
     """MONAI's "perceptron" patch embedding: cut [B, C, D, H, W] into non-overlapping patches, flatten
-    each as (p1 p2 p3 c), project linearly, add a learnable position table. Tokens run depth-slowest."""
+    each as (p1 p2 p3 c), project linearly, add a learnable position table. Tokens run depth-slowest.
+
+    `position_init`: "normal" (MONAI's learnable default: truncated normal, std `position_init_std` = 0.02) or
+    "sincos" (the table starts as MONAI's fixed sin-cos embedding but stays learnable). Training from scratch
+    on little data needs strong position identity from the first step: sin-cos, or a larger std."""
 
     def __init__(
         self,
@@ -28,6 +43,8 @@ class PerceptronPatchEmbed3D(nnx.Module):
         dtype: DType = jnp.float32,
         param_dtype: DType = jnp.float32,
         precision: jax.lax.PrecisionLike = None,
+        position_init: str = "normal",
+        position_init_std: float = 0.02,
         rngs: nnx.Rngs,
     ):
         self.image_size = tuple(image_size)
@@ -44,9 +61,13 @@ class PerceptronPatchEmbed3D(nnx.Module):
             patch_dim, features, axes=("patch", "embed"), dtype=dtype, param_dtype=param_dtype,
             precision=precision, rngs=rngs,
         )
-        self.position_embeddings = param(
-            rngs, truncated_normal(0.02), (num_patches, features), param_dtype, ("tokens", "embed")
-        )
+        if position_init == "normal":
+            init = truncated_normal(position_init_std)
+        elif position_init == "sincos":
+            init = lambda key, shape, dtype: sincos_position_table(self.grid, features).astype(dtype)  # noqa: E731
+        else:
+            raise ValueError(f"position_init must be 'normal' or 'sincos', got {position_init!r}")
+        self.position_embeddings = param(rngs, init, (num_patches, features), param_dtype, ("tokens", "embed"))
 
     def __call__(self, images: jax.Array) -> jax.Array:
         expected = (self.in_channels, *self.image_size)

@@ -51,6 +51,8 @@ class ViT3DConfig:
     scan_layers: bool = False
     attention_impl: AttentionImpl = "auto"
     attention_query_chunk: int = -1  # -1 auto (query blocks of 128 on CPU for long sequences), 0 off, >0 size
+    position_init: str = "normal"  # "normal" (MONAI/M3D) or "sincos" (MONAI's sin-cos table, learnable)
+    position_init_std: float = 0.02  # the "normal" table's std (MONAI: 0.02)
 
     def __post_init__(self):
         object.__setattr__(self, "image_size", tuple(self.image_size))
@@ -113,7 +115,8 @@ class ViT3D(nnx.Module):
         self.config = config
         dtypes = dict(dtype=canonical_dtype(config.dtype), param_dtype=canonical_dtype(config.param_dtype))
         self.patch_embedding = PerceptronPatchEmbed3D(
-            config.image_size, config.patch_size, config.in_channels, config.hidden_size, rngs=rngs, **dtypes
+            config.image_size, config.patch_size, config.in_channels, config.hidden_size,
+            position_init=config.position_init, position_init_std=config.position_init_std, rngs=rngs, **dtypes
         )
         self.cls_token = (
             param(rngs, zeros, (config.hidden_size,), dtypes["param_dtype"], ("embed",)) if config.cls_token else None

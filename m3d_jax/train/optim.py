@@ -25,6 +25,8 @@ class OptimConfig:
     accumulation_steps: int = 1
     nonfinite: str = "skip"  # NaN/Inf loss or gradients: "skip" the update, or "stop" training
     max_consecutive_nonfinite: int = 10  # with "skip": stop after this many skipped steps in a row
+    # Learning-rate multipliers by parameter-path prefix, e.g. {"vision_tower": 0.1}; the longest prefix wins.
+    lr_multipliers: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def schedule(config: OptimConfig) -> optax.Schedule:
@@ -38,10 +40,29 @@ def schedule(config: OptimConfig) -> optax.Schedule:
 def decay_mask(params) -> object:
     """True where weight decay applies: matrices and higher, except embedding tables."""
     def decays(path, leaf) -> bool:
-        names = "/".join(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
+        names = _path_name(path)
         return leaf.ndim >= 2 and "embed_tokens" not in names and "position_embeddings" not in names
 
     return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def _path_name(path) -> str:
+    return "/".join(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path)
+
+
+def scale_by_path(multipliers: dict[str, float]) -> optax.GradientTransformation:
+    """Multiplies each update by the multiplier of the longest matching path prefix (1 if none)."""
+    prefixes = sorted(multipliers, key=len, reverse=True)
+
+    def factor(path) -> float:
+        name = _path_name(path)
+        return next((float(multipliers[p]) for p in prefixes if name.startswith(p)), 1.0)
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map_with_path(lambda path, u: u * factor(path), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 NEVER = 2**30  # apply_if_finite's limit: never let a non-finite update through
@@ -53,5 +74,7 @@ def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
         parts.append(optax.clip_by_global_norm(config.clip_norm))
     parts.append(optax.adamw(schedule(config), b1=config.b1, b2=config.b2, eps=config.eps,
                              weight_decay=config.weight_decay, mask=decay_mask))
+    if config.lr_multipliers:
+        parts.append(scale_by_path(dict(config.lr_multipliers)))
     tx = optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=NEVER)
     return optax.MultiSteps(tx, config.accumulation_steps) if config.accumulation_steps > 1 else tx
