@@ -109,6 +109,13 @@ def test_stage2_with_lora_trains_adapters_embeddings_and_lm_head_not_llm_weights
     assert not any(frozen(p, v) for p, v in nnx.to_flat_state(nnx.state(model, LoraParam)))
 
 
+def test_frozen_vision_stage_trains_everything_but_the_vision_tower():
+    model = Lamed(CONFIG, rngs=nnx.Rngs(0))
+    wrt = trainable("frozen_vision")
+    selected = {"/".join(map(str, p)).split("/")[0] for p, v in nnx.to_flat_state(nnx.state(model)) if wrt(p, v)}
+    assert selected == {"mm_projector", "language_model", "seg_projector", "seg_module"}
+
+
 def test_unknown_stage_is_named():
     with pytest.raises(ValueError, match="unknown training stage 'stage3'"):
         trainable("stage3")

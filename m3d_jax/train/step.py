@@ -17,6 +17,7 @@ from m3d_jax.train.lora import LoraParam, lora_dropout
 STAGES: dict[str, tuple[str, ...]] = {
     "lamed_stage1": ("mm_projector", "language_model/embed_tokens"),
     "lamed_stage2": ("vision_tower", "mm_projector", "language_model", "seg_projector", "seg_module"),
+    "frozen_vision": ("mm_projector", "language_model", "seg_projector", "seg_module"),  # all but the ViT
     "full": ("",),
 }
 
