@@ -34,7 +34,7 @@ def get_config() -> ConfigDict:
     config.model.vision = dataclasses.asdict(ViT3DConfig(image_size=(32, 64, 64), patch_size=(4, 16, 16),
                                                          hidden_size=64, mlp_dim=128, num_layers=2, num_heads=4,
                                                          position_init_std=1.0))
-    config.model.decoder = dict(preset="tiny_phi3", hidden_size=96, intermediate_size=192, num_heads=4,
+    config.model.decoder = dict(preset="tiny_phi3", num_layers=2, hidden_size=96, intermediate_size=192, num_heads=4,
                                 num_kv_heads=4, head_dim=24, max_position_embeddings=128)
     config.model.segmentation_module = ""
     config.init = ConfigDict(dict(lamed="", language_model="", vision_tower="", vision_layout="m3d_clip_vision"))
