@@ -211,3 +211,25 @@ def test_nonfinite_loss_is_skipped_per_config_and_training_continues(phantom_roo
     assert np.isnan(losses[2]) and all(np.isfinite(losses[s]) for s in (1, 3, 4, 5))
     step, leaves = _restored_params(tmp_path, config)
     assert step == 5 and all(np.isfinite(x).all() for x in leaves if np.issubdtype(x.dtype, np.floating))
+
+
+def test_sigterm_saves_at_the_next_step_and_a_rerun_resumes_there(phantom_root, tmp_path):
+    import signal
+    import time
+
+    process = subprocess.Popen(_command(tmp_path, phantom_root, 8, "--config.total_steps=500", *QUICK,
+                                        "--config.checkpoint.every=1000"),
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "XLA_FLAGS": ""})
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    saved = _finished_steps(tmp_path)[-1]
+    assert f"preempted: saved step {saved}" in stdout + stderr and 3 <= saved < 500
+    _train(tmp_path, phantom_root, f"--config.total_steps={saved + 2}", *QUICK)
+    assert _finished_steps(tmp_path)[-1] == saved + 2
+    assert sorted(_losses(tmp_path))[-2:] == [saved + 1, saved + 2]
