@@ -29,6 +29,10 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def due(self, step: int) -> bool:
+        """Whether the save interval asks for a checkpoint at `step` (cheap; call before building the state)."""
+        return self.manager.should_save(step)
+
     def save(self, step: int, state: Any, data_iterator=None, meta: dict | None = None, *, force: bool = False) -> bool:
         """Starts saving `state` (a pytree of arrays) at `step` if the interval says so (or `force`);
         returns whether a save started. The data iterator's state is captured before this returns.

@@ -209,6 +209,7 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
     nonfinite_streak = 0
     pending = None
     step = start
+    meta = {"config": config.to_json()}  # saved with every checkpoint
     try:
         while step < config.total_steps:
             host_batch = next(iterator)
@@ -238,8 +239,7 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
                                mfu=mfu(flops, seconds, jax.device_count(), peak))
                 writer.write(step, scalars)
                 window.reset()
-            meta = {"config": config.to_json()}
-            if ckpt.save(step, nnx.to_pure_dict(state), iterator, meta):
+            if ckpt.due(step) and ckpt.save(step, nnx.to_pure_dict(state), iterator, meta):
                 if os.environ.get(KILL_AT_SAVE) == str(step):
                     os.kill(os.getpid(), signal.SIGKILL)
             if preempted(step):
@@ -251,7 +251,7 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
                 writer.write(step, evaluate(graphdef, state, run, config), prefix="eval")
         if pending is not None:
             _check_finite(pending, config, writer, nonfinite_streak)
-        ckpt.save(step, nnx.to_pure_dict(state), iterator, {"config": config.to_json()}, force=True)
+        ckpt.save(step, nnx.to_pure_dict(state), iterator, meta, force=True)
         ckpt.wait()
         results = evaluate(graphdef, state, run, config)
         writer.write(step, results, prefix="eval")
