@@ -14,21 +14,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    import os
-
     from absl import logging
 
     if not flags.FLAGS["verbosity"].present:  # keep the console to the progress bar and our messages
         logging.set_verbosity(logging.WARNING)
 
-    config = _CONFIG.value
-    if config.get("cpu_devices"):  # read when JAX starts its CPU backend, so set it before any JAX use
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={config.cpu_devices}").strip()
-    import jax
+    from m3d_jax.train.platform import select_platform
 
-    if config.get("platform"):
-        jax.config.update("jax_platforms", config.platform)
+    config = _CONFIG.value
+    select_platform(config)
     from m3d_jax.train.distributed import initialize
 
     initialize()

@@ -34,7 +34,8 @@ from m3d_jax.train.metrics import MetricWriter, mfu, peak_flops, step_flops
 from m3d_jax.train.optim import OptimConfig, make_optimizer, schedule
 from m3d_jax.train.step import make_train_step, trainable
 
-MODEL_INPUTS = ("images", "input_ids", "attention_mask", "labels", "seg_masks")
+# The batch entries the model takes, with their ranks: [B, C, D, H, W] volumes, [B, L] token arrays.
+MODEL_INPUTS = {"images": 5, "input_ids": 2, "attention_mask": 2, "labels": 2, "seg_masks": 5}
 KILL_AT_SAVE = "M3D_JAX_FAULT_KILL_AT_SAVE"  # fault injection for tests: SIGKILL right after this step's save starts
 
 
@@ -131,10 +132,6 @@ def _augment(setting) -> AugmentConfig | None:
     return AugmentConfig() if setting is True else AugmentConfig(**dict(setting))
 
 
-def _loss(model, batch, rngs):
-    return lamed_loss(model, batch, rngs)
-
-
 @dataclasses.dataclass
 class Setup:
     """Everything `train` builds from a config (also used by benchmarks and tests)."""
@@ -166,6 +163,16 @@ def setup(config: ConfigDict) -> Setup:
     return Setup(mesh, tokenizer, model_config, model, optimizer, optim, wrt)
 
 
+def compiled_step(run: Setup) -> tuple[nnx.GraphDef, nnx.State, Any]:
+    """The run's (model, optimizer) split into graph and state, and the jitted step laid out by the state's
+    shardings and the batch's (`MODEL_INPUTS` over the data axes)."""
+    graphdef, state = nnx.split((run.model, run.optimizer))
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    batch_shardings = {key: batch_sharding(run.mesh, ndim) for key, ndim in MODEL_INPUTS.items()}
+    return graphdef, state, make_train_step(graphdef, lamed_loss, run.wrt, state_shardings=shardings,
+                                            batch_shardings=batch_shardings)
+
+
 def train(config: ConfigDict, workdir: str) -> dict[str, float]:
     """Trains to `config.total_steps` (resuming from the latest checkpoint in `workdir`) and returns the
     final evaluation metrics."""
@@ -173,12 +180,8 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
     primary = process == 0
     run = setup(config)
     mesh, model_config = run.mesh, run.model_config
-    graphdef, state = nnx.split((run.model, run.optimizer))
+    graphdef, state, step_fn = compiled_step(run)
     del run.model, run.optimizer
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    batch_shardings = {key: batch_sharding(mesh, 2 if key in ("input_ids", "attention_mask", "labels") else 5)
-                       for key in MODEL_INPUTS}  # [B, L] token arrays, [B, C, D, H, W] volumes
-    step_fn = make_train_step(graphdef, _loss, run.wrt, state_shardings=shardings, batch_shardings=batch_shardings)
 
     _ensure_phantoms(config.data, primary)
     spec = sample_spec(config, model_config, train=True)

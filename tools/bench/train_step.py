@@ -10,7 +10,6 @@ training step in PyTorch (MONAI ViT + transformers LLM, same weights, same batch
 
 from __future__ import annotations
 
-import os
 import tempfile
 
 from absl import app, flags
@@ -38,18 +37,12 @@ def _batch(config, run, rng):
 
 def _time_jax(config, run, batch):
     import jax
-    from flax import nnx
 
     from m3d_jax.data.pipeline import to_global_arrays
-    from m3d_jax.sharding import batch_sharding
     from m3d_jax.train.metrics import mfu, peak_flops, step_flops
-    from m3d_jax.train.step import make_train_step
-    from m3d_jax.train.trainer import MODEL_INPUTS, _loss
+    from m3d_jax.train.trainer import compiled_step
 
-    graphdef, state = nnx.split((run.model, run.optimizer))
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    batch_shardings = {k: batch_sharding(run.mesh, batch[k].ndim) for k in MODEL_INPUTS}
-    step = make_train_step(graphdef, _loss, run.wrt, state_shardings=shardings, batch_shardings=batch_shardings)
+    _, state, step = compiled_step(run)
     arrays = to_global_arrays(batch, run.mesh)
     key = jax.random.key(0)
     flops = step_flops(step.lower(state, arrays, key))
@@ -100,15 +93,13 @@ def _time_torch(model, batch):
 
 def main(argv):
     del argv
+    from m3d_jax.train.platform import select_platform
+
     config = _CONFIG.value
-    if config.get("cpu_devices"):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={config.cpu_devices}").strip()
+    select_platform(config)
     import jax
     import numpy as np
 
-    if config.get("platform"):
-        jax.config.update("jax_platforms", config.platform)
     from m3d_jax.train.trainer import setup
 
     run = setup(config)
