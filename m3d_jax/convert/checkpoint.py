@@ -27,7 +27,7 @@ from m3d_jax.convert.keymap import (
 from m3d_jax.convert.torch_io import CheckpointReadError, CheckpointReader, TensorSpec, write_checkpoint
 
 KIND_KEY = "m3d_jax_kind"
-_KIND_OF_CLASS = {"Lamed": "lamed", "Decoder": "decoder", "ViT3D": "vit3d"}
+_KIND_OF_CLASS = {"Lamed": "lamed", "Decoder": "decoder", "ViT3D": "vit3d", "M3DClip": "clip", "Bert": "bert"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,11 +42,15 @@ class ModelKind:
 
 
 def _kinds() -> dict[str, ModelKind]:
+    from m3d_jax.convert.clip import clip_keymap
     from m3d_jax.convert.decoder import decoder_keymap
     from m3d_jax.convert.lamed import lamed_keymap
+    from m3d_jax.convert.text_encoder import bert_keymap
     from m3d_jax.convert.vit3d import vit3d_keymap
+    from m3d_jax.models.clip import ClipConfig, M3DClip
     from m3d_jax.models.decoder import Decoder, DecoderConfig
     from m3d_jax.models.lamed import Lamed, LamedConfig
+    from m3d_jax.models.text_encoder import Bert, BertConfig
     from m3d_jax.models.vit3d import ViT3D, ViT3DConfig
 
     return {
@@ -57,12 +61,16 @@ def _kinds() -> dict[str, ModelKind]:
         "vit3d": ModelKind("vit3d", lambda hf: ViT3DConfig.from_dict(hf["vit3d"]),
                            lambda c: {"vit3d": dataclasses.asdict(c)}, lambda c: ViT3D(c, rngs=nnx.Rngs(0)),
                            lambda c: vit3d_keymap(c, "m3d_clip_vision")),
+        "clip": ModelKind("clip", ClipConfig.from_hf, ClipConfig.to_hf, lambda c: M3DClip(c, rngs=nnx.Rngs(0)),
+                          clip_keymap),
+        "bert": ModelKind("bert", BertConfig.from_hf, BertConfig.to_hf, lambda c: Bert(c, rngs=nnx.Rngs(0)),
+                          bert_keymap),
     }
 
 
 def detect(folder: str | os.PathLike) -> tuple[ModelKind, Any]:
     """The model kind and config of a PyTorch or m3d-jax folder, from its config.json (model_type
-    lamed_phi3 / lamed_llama / phi3 / llama) or, without one, from the keys of a bare ViT checkpoint."""
+    lamed_phi3 / lamed_llama / phi3 / llama / m3d_clip / bert) or, without one, from the keys of a bare ViT checkpoint."""
     folder = Path(folder)
     kinds = _kinds()
     config_path = folder / "config.json" if folder.is_dir() else None
@@ -73,10 +81,11 @@ def detect(folder: str | os.PathLike) -> tuple[ModelKind, Any]:
             name = "vit3d"
         if name is None:
             model_type = hf.get("model_type", "")
-            name = "lamed" if model_type.startswith("lamed") else "decoder" if model_type in ("phi3", "llama") else None
+            name = ("lamed" if model_type.startswith("lamed") else "decoder" if model_type in ("phi3", "llama")
+                    else {"m3d_clip": "clip", "bert": "bert"}.get(model_type))
         if name not in kinds:
             raise CheckpointReadError(f"{config_path}: cannot tell the model kind (model_type "
-                                      f"{hf.get('model_type')!r}; expected lamed_phi3, lamed_llama, phi3 or llama)")
+                                      f"{hf.get('model_type')!r}; expected lamed_phi3, lamed_llama, phi3, llama, m3d_clip or bert)")
         return kinds[name], kinds[name].config_from_hf(hf)
     reader = CheckpointReader(folder)
     keys = set(reader.keys())
