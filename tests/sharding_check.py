@@ -1,6 +1,7 @@
-"""Run in a subprocess with 8 simulated CPU devices (tests/test_sharding.py): a tiny LaMed created
-sharded on several meshes gives the single-device loss and gradients, with every parameter laid out
-as the rules table says."""
+"""Run in a subprocess with 8 simulated CPU devices (tests/test_sharding.py): a tiny LaMed or M3D-CLIP
+created sharded on several meshes, with the batch sharded over the data axes, gives the single-device
+loss and gradients (for CLIP: the contrastive loss over the GLOBAL batch), with every parameter laid out
+as the rules table says. Usage: sharding_check.py {lamed,clip} MESH..."""
 
 import json
 import os
@@ -14,8 +15,10 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from m3d_jax.layers.params import logical_axes  # noqa: E402
+from m3d_jax.models.clip import ClipConfig, M3DClip, clip_loss  # noqa: E402
 from m3d_jax.models.decoder_presets import tiny_phi3  # noqa: E402
 from m3d_jax.models.lamed import Lamed, LamedConfig, lamed_loss  # noqa: E402
+from m3d_jax.models.text_encoder import BertConfig  # noqa: E402
 from m3d_jax.models.vit3d import ViT3DConfig  # noqa: E402
 from m3d_jax.sharding import MeshConfig, batch_sharding, create_sharded, make_mesh, spec_for  # noqa: E402
 
@@ -23,6 +26,19 @@ CONFIG = LamedConfig(vision=ViT3DConfig(image_size=(16, 64, 64), hidden_size=64,
                                         num_heads=4),
                      decoder=tiny_phi3(vocab_size=516), image_token_id=512, seg_token_id=515, seg_decoder_heads=4,
                      seg_decoder_mlp_dim=96, seg_iou_head_hidden=32)
+
+
+CLIP_CONFIG = ClipConfig(vision=ViT3DConfig(image_size=(16, 64, 64), hidden_size=64, mlp_dim=128, num_layers=2,
+                                           num_heads=4, select_feature="cls_patch"),
+                         text=BertConfig(vocab_size=120, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                                         max_position_embeddings=32), embed_dim=32)
+
+
+def clip_batch():
+    rng = np.random.default_rng(1)
+    ids = rng.integers(1, 120, (8, 12)).astype(np.int32)
+    mask = (np.arange(12)[None] < rng.integers(4, 13, (8, 1))).astype(np.int32)
+    return dict(images=rng.random((8, 1, 16, 64, 64), dtype=np.float32), input_ids=ids, attention_mask=mask)
 
 
 def batch():
@@ -36,20 +52,26 @@ def batch():
                 image_starts=np.ones(8, np.int32))
 
 
-def loss_and_grads(model, data):
+MODELS = {
+    "lamed": (lambda: Lamed(CONFIG, rngs=nnx.Rngs(0)), lamed_loss, batch),
+    "clip": (lambda: M3DClip(CLIP_CONFIG, rngs=nnx.Rngs(0)), clip_loss, clip_batch),
+}
+
+
+def loss_and_grads(model, data, loss_fn):
     graphdef, state = nnx.split(model)
 
     @jax.jit
     def run(state, data):
-        return jax.value_and_grad(lambda s: lamed_loss(nnx.merge(graphdef, s), data)[0])(state)
+        return jax.value_and_grad(lambda s: loss_fn(nnx.merge(graphdef, s), data)[0])(state)
 
     return run(state, data)
 
 
-def main(mesh_shapes):
-    make = lambda: Lamed(CONFIG, rngs=nnx.Rngs(0))  # noqa: E731
-    data = batch()
-    ref_loss, ref_grads = loss_and_grads(make(), {k: jnp.asarray(v) for k, v in data.items()})
+def main(name, mesh_shapes):
+    make, loss_fn, make_batch = MODELS[name]
+    data = make_batch()
+    ref_loss, ref_grads = loss_and_grads(make(), {k: jnp.asarray(v) for k, v in data.items()}, loss_fn)
     ref_flat = dict(nnx.to_flat_state(ref_grads))
     results = {}
     for shape in mesh_shapes:
@@ -61,7 +83,7 @@ def main(mesh_shapes):
             if variable[...].sharding.spec != expected:
                 wrong.append(f"{path}: {variable[...].sharding.spec} != {expected}")
         sharded = {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in data.items()}
-        loss, grads = loss_and_grads(model, sharded)
+        loss, grads = loss_and_grads(model, sharded, loss_fn)
         grad_err = max(float(jnp.max(jnp.abs(g[...] - ref_flat[p][...]))) for p, g in nnx.to_flat_state(grads))
         sharded_params = sum(1 for _, v in nnx.to_flat_state(nnx.state(model))
                              if not v[...].sharding.is_fully_replicated)
@@ -71,4 +93,4 @@ def main(mesh_shapes):
 
 
 if __name__ == "__main__":
-    main([tuple(int(x) for x in arg.split("x")) for arg in sys.argv[1:]])
+    main(sys.argv[1], [tuple(int(x) for x in arg.split("x")) for arg in sys.argv[2:]])

@@ -17,13 +17,13 @@ import transformers
 from flax import nnx
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY, make_monai_vit, monai_features, prefixed_state_dict
+from conftest import TINY, make_monai_vit, prefixed_state_dict
 from m3d_jax.convert.checkpoint import jax_to_torch, load_jax, torch_to_jax
 from m3d_jax.convert.clip import export_clip, load_clip
 from m3d_jax.convert.keymap import CheckpointMismatchError
 from m3d_jax.convert.text_encoder import load_bert
 from m3d_jax.models.clip import LOGIT_SCALE_INIT, ClipConfig, M3DClip, clip_loss
-from m3d_jax.models.text_encoder import Bert, BertConfig
+from m3d_jax.models.text_encoder import BertConfig
 
 SENTENCES = [
     "The liver shows a 2 cm hypodense lesion in segment VII.",

@@ -10,7 +10,7 @@ import pytest
 from conftest import word_tokenizer
 from m3d_jax.data.augment import augment, record_rng
 from m3d_jax.data.phantoms import write_phantoms
-from m3d_jax.data.pipeline import SampleSpec, lamed_dataset
+from m3d_jax.data.pipeline import SampleSpec, source_dataset
 from m3d_jax.data.prompts import box_from_mask, box_text, tokenize_sample
 from m3d_jax.data.sources import CaptionSource, VQASource
 from m3d_jax.data.volume import VolumeError, load_volume
@@ -99,7 +99,7 @@ def _batches(dataset, count, state=None):
 def test_pipeline_is_deterministic_and_resumes_exactly(phantoms, tokenizer):
     spec = SampleSpec(image_size=(16, 32, 32), proj_out_num=4, image_token_id=256, max_length=48)
     source = VQASource(phantoms / "vqa_train.csv")
-    make = lambda seed: lamed_dataset(source, tokenizer, spec, seed=seed, batch_size=2)  # noqa: E731
+    make = lambda seed: source_dataset(source, tokenizer, spec, seed=seed, batch_size=2)  # noqa: E731
     first, _ = _batches(make(0), 6)
     second, _ = _batches(make(0), 6)
     for a, b in zip(first, second):
@@ -119,15 +119,15 @@ def test_pipeline_is_deterministic_and_resumes_exactly(phantoms, tokenizer):
 def test_processes_load_disjoint_rows_of_the_same_global_batches(phantoms, tokenizer):
     spec = SampleSpec(image_size=(16, 32, 32), proj_out_num=4, image_token_id=256, max_length=48, augment=None)
     source = VQASource(phantoms / "vqa_train.csv")
-    whole = _batches(lamed_dataset(source, tokenizer, spec, seed=0, batch_size=4), 3)[0]
-    parts = [_batches(lamed_dataset(source, tokenizer, spec, seed=0, batch_size=4, process_index=p,
+    whole = _batches(source_dataset(source, tokenizer, spec, seed=0, batch_size=4), 3)[0]
+    parts = [_batches(source_dataset(source, tokenizer, spec, seed=0, batch_size=4, process_index=p,
                                     process_count=2), 3)[0] for p in range(2)]
     for step, batch in enumerate(whole):
         np.testing.assert_array_equal(batch["sample_index"], np.arange(4 * step, 4 * step + 4))
         for key in batch:
             np.testing.assert_array_equal(np.concatenate([parts[0][step][key], parts[1][step][key]]), batch[key])
     with pytest.raises(ValueError, match="global batch size 3 is not divisible by 2 processes"):
-        lamed_dataset(source, tokenizer, spec, seed=0, batch_size=3, process_count=2)
+        source_dataset(source, tokenizer, spec, seed=0, batch_size=3, process_count=2)
 
 
 SPEC = SampleSpec(image_size=(16, 32, 32), proj_out_num=4, image_token_id=256, max_length=48)
@@ -157,12 +157,12 @@ def test_seg_refseg_and_positioning_samples(phantoms, tokenizer):
 def test_mixture_and_multiprocess_prefetch_give_the_same_batches(phantoms, tokenizer):
     from absl import flags
 
-    from m3d_jax.data.pipeline import batched, iterate, lamed_samples, mix
+    from m3d_jax.data.pipeline import batched, iterate, source_samples, mix
     from m3d_jax.data.sources import SegSource
 
     flags.FLAGS(["test"])  # grain reads absl flags
-    vqa = lamed_samples(VQASource(phantoms / "vqa_train.csv"), tokenizer, SPEC, seed=0)
-    seg = lamed_samples(SegSource(phantoms / "seg.json", "training"), tokenizer, SPEC, seed=1)
+    vqa = source_samples(VQASource(phantoms / "vqa_train.csv"), tokenizer, SPEC, seed=0)
+    seg = source_samples(SegSource(phantoms / "seg.json", "training"), tokenizer, SPEC, seed=1)
     mixed = batched(mix([vqa, seg], [0.75, 0.25]), SPEC, batch_size=4)
     local = iterate(mixed)
     expected = [next(local) for _ in range(3)]
@@ -181,7 +181,7 @@ def test_batches_become_global_arrays(phantoms, tokenizer):
     from m3d_jax.data.pipeline import to_global_arrays
     from m3d_jax.sharding import MeshConfig, make_mesh
 
-    batch = next(iter(lamed_dataset(VQASource(phantoms / "vqa_train.csv"), tokenizer, SPEC, seed=0,
+    batch = next(iter(source_dataset(VQASource(phantoms / "vqa_train.csv"), tokenizer, SPEC, seed=0,
                                     batch_size=2).to_iter_dataset()))
     arrays = to_global_arrays(batch, make_mesh(MeshConfig(data=len(jax.devices()))))
     np.testing.assert_array_equal(np.asarray(arrays["input_ids"]), batch["input_ids"])
@@ -230,7 +230,7 @@ def test_each_bad_input_names_the_file_or_is_counted_when_skipping(tmp_path, tok
     records = [good] + [{**good, "image": str(tmp_path / n), **c} for n, c, _ in cases] + [good]
     before = sum(skipped_records().values())
     lenient = dataclasses.replace(SPEC, skip_bad_records=True)
-    batches = list(lamed_dataset(_ListSource(records, "bad"), tokenizer, lenient, seed=0, batch_size=2, num_epochs=1))
+    batches = list(source_dataset(_ListSource(records, "bad"), tokenizer, lenient, seed=0, batch_size=2, num_epochs=1))
     assert sum(skipped_records().values()) - before == len(cases)
     assert len(batches) == 1 and np.isfinite(batches[0]["images"]).all()
 
@@ -241,7 +241,7 @@ def test_iterator_state_round_trips_through_a_training_checkpoint(phantoms, toke
     from m3d_jax.data.pipeline import iterate
     from m3d_jax.train.checkpoints import Checkpoints, abstract_like
 
-    dataset = lamed_dataset(VQASource(phantoms / "vqa_train.csv"), tokenizer, SPEC, seed=0, batch_size=2)
+    dataset = source_dataset(VQASource(phantoms / "vqa_train.csv"), tokenizer, SPEC, seed=0, batch_size=2)
     iterator = iterate(dataset)
     uninterrupted = [next(iterator) for _ in range(5)]
     iterator = iterate(dataset)

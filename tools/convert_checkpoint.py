@@ -3,8 +3,9 @@
   python tools/convert_checkpoint.py torch2jax M3D-LaMed-Phi-3-4B/ lamed_phi3_jax/
   python tools/convert_checkpoint.py jax2torch lamed_phi3_jax/ lamed_phi3_torch/ [--dtype=bfloat16]
 
-The kind is detected from SRC/config.json: lamed_phi3, lamed_llama (M3D-LaMed), phi3, llama (plain
-transformers LLMs), or, without a config.json, a bare M3D-CLIP vision checkpoint (pretrained_ViT.bin).
+The kind is detected from SRC/config.json: lamed_phi3, lamed_llama (M3D-LaMed), m3d_clip (M3D-CLIP: ViT +
+BERT + projections + logit_scale), phi3, llama (plain transformers LLMs), bert (a BertModel), or, without
+a config.json, a bare M3D-CLIP vision checkpoint (pretrained_ViT.bin).
 Tensors stream one at a time (peak memory ≈ the largest tensor), so a 16 GB checkpoint converts on a
 24 GB machine. torch2jax writes safetensors keyed by JAX parameter paths plus config.json; jax2torch
 writes the released layout (config.json + sharded safetensors + index) that the PyTorch code loads

@@ -3,6 +3,7 @@ cls token), `language_encoder.*` (a BertModel), `mm_vision_proj`, `mm_language_p
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from flax import nnx
@@ -29,11 +30,23 @@ def clip_keymap(config: ClipConfig) -> KeyMap:
 
 def load_clip(folder: str | os.PathLike, **overrides) -> tuple[M3DClip, ConversionReport]:
     """Loads a released M3D-CLIP folder (config.json + safetensors or .bin)."""
-    import dataclasses
-
     config = ClipConfig.from_hf(read_hf_config(folder))
     config = dataclasses.replace(config, **overrides) if overrides else config
     return load_model(folder, clip_keymap(config), lambda: M3DClip(config, rngs=nnx.Rngs(0)))
+
+
+def load_clip_folder(folder: str | os.PathLike) -> M3DClip:
+    """An m3d-jax M3D-CLIP parameter folder or a released PyTorch folder (converted in memory)."""
+    from m3d_jax.convert.checkpoint import KIND_KEY, load_jax
+    from m3d_jax.convert.torch_io import CheckpointReadError
+
+    hf = read_hf_config(folder)
+    if hf.get(KIND_KEY) == "clip":
+        return load_jax(folder)
+    if KIND_KEY in hf or hf.get("model_type") != "m3d_clip":
+        raise CheckpointReadError(f"{os.path.join(folder, 'config.json')}: not an M3D-CLIP checkpoint "
+                                  f"(model_type {hf.get('model_type')!r}, kind {hf.get(KIND_KEY)!r})")
+    return load_clip(folder)[0]
 
 
 def export_clip(model: M3DClip, out_dir: str | os.PathLike, *, dtype=None) -> None:

@@ -1,8 +1,8 @@
-"""The Grain pipeline for LaMed training: source → seeded shuffle (a new order each epoch) → map (read,
-preprocess, augment, tokenize) → one global stream of samples numbered 0, 1, 2, ... → this process's rows
-of each GLOBAL batch → fixed-shape local batches. A sample is a pure function of (seed, epoch, index), so
-the global batches are the same whatever the number of processes, and the iterator's state (grain
-`get_state`/`set_state`) resumes at the exact next batch."""
+"""The Grain pipeline: source → seeded shuffle (a new order each epoch) → map (read, preprocess, augment,
+tokenize: the spec's transform, LaMed's or CLIP's) → one global stream of samples numbered 0, 1, 2, ... →
+this process's rows of each GLOBAL batch → fixed-shape local batches. A sample is a pure function of
+(seed, epoch, index), so the global batches are the same whatever the number of processes, and the
+iterator's state (grain `get_state`/`set_state`) resumes at the exact next batch."""
 
 from __future__ import annotations
 
@@ -33,6 +33,9 @@ class SampleSpec:
     window: tuple[float, float] | None = None  # CT (level, width) before min-max; None = M3D's plain min-max
     skip_bad_records: bool = False
 
+    def transform(self, tokenizer, seed: int, epoch_length: int) -> LamedTransform:
+        return LamedTransform(tokenizer, self, seed, epoch_length)
+
 
 class RecordError(ValueError):
     """A record cannot be turned into a sample; the message names the file and the problem."""
@@ -50,7 +53,8 @@ def skipped_records(epoch: int | None = None) -> dict[str, int]:
     return dict(counts)
 
 
-def _load_mask(record: dict, image_shape: tuple[int, ...]) -> np.ndarray:
+def load_record_mask(record: dict, image_shape: tuple[int, ...]) -> np.ndarray:
+    """The record's binary mask [1, D, H, W] at the raw volume's size (its class value, or > 0)."""
     mask = load_volume(record["mask"]).array
     if mask.shape[1:] == (1, 1, 1) and not mask.any():  # M3D-Seg stores an absent class as [1,1,1,1] zeros
         return np.zeros((1, *image_shape[1:]), np.float32)
@@ -61,12 +65,12 @@ def _load_mask(record: dict, image_shape: tuple[int, ...]) -> np.ndarray:
     return ((mask == value) if value is not None else (mask > 0)).astype(np.float32)[:1]
 
 
-class LamedTransform:
-    """(index, record) → dict(images [C,D,H,W], seg_masks [1,D,H,W], input_ids, attention_mask, labels [L]);
-    picklable. With `spec.skip_bad_records`, a bad record becomes None (dropped and counted) instead of
-    raising a RecordError / VolumeError that names its file."""
+class RecordTransform:
+    """(index, record) → a sample dict (`_sample`, per subclass); picklable. With `spec.skip_bad_records`,
+    a bad record becomes None (dropped and counted) instead of raising a RecordError / VolumeError that
+    names its file."""
 
-    def __init__(self, tokenizer, spec: SampleSpec, seed: int, epoch_length: int):
+    def __init__(self, tokenizer, spec, seed: int, epoch_length: int):
         self.tokenizer = tokenizer
         self.spec = spec
         self.seed = seed
@@ -90,6 +94,10 @@ class LamedTransform:
             return None
 
     def _sample(self, index: int, record: dict) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _image(self, index: int, record: dict) -> tuple[np.ndarray, np.ndarray, tuple, np.random.Generator]:
+        """(raw volume, prepared image [C, D, H, W], its geometry, the record's RNG)."""
         spec = self.spec
         epoch, position = divmod(index, self.epoch_length)
         rng = record_rng(self.seed, epoch, position)
@@ -97,10 +105,19 @@ class LamedTransform:
         if volume.shape[0] != spec.in_channels:
             raise RecordError(f"{record['image']}: {volume.shape[0]} channels, the model takes {spec.in_channels}")
         image, geometry = prepare(volume, spec.image_size, spec.window)
-        mask = prepare_mask(_load_mask(record, volume.shape), geometry) if "mask" in record else None
+        return volume, image, geometry, rng
+
+
+class LamedTransform(RecordTransform):
+    """→ dict(images [C,D,H,W], seg_masks [1,D,H,W], input_ids, attention_mask, labels [L])."""
+
+    def _sample(self, index: int, record: dict) -> dict[str, np.ndarray]:
+        spec = self.spec
+        volume, image, geometry, rng = self._image(index, record)
+        mask = prepare_mask(load_record_mask(record, volume.shape), geometry) if "mask" in record else None
         if spec.augment is not None:
             image, mask = augment(image, mask, rng, spec.augment)
-        question, answer = self._texts(record, mask, rng)
+        question, answer = record_texts(record, mask, rng)
         try:
             sample = tokenize_sample(self.tokenizer, question, answer, proj_out_num=spec.proj_out_num,
                                      max_length=spec.max_length, image_token_id=spec.image_token_id)
@@ -110,34 +127,34 @@ class LamedTransform:
         return {"images": image.astype(np.float32), "seg_masks": seg.astype(np.float32),
                 "input_ids": sample.input_ids, "attention_mask": sample.attention_mask, "labels": sample.labels}
 
-    @staticmethod
-    def _texts(record: dict, mask: np.ndarray | None, rng: np.random.Generator) -> tuple[str, str]:
-        task = record["task"]
-        if task in ("caption", "vqa_closed", "vqa_open", "refseg"):
-            return record.get("question") or choose(CAPTION_PROMPTS, rng), record["answer"]
-        target = record["target"]
-        if task == "seg":
-            return choose(SEGMENT_PROMPTS, rng, target=target), choose(SEGMENT_ANSWERS, rng, target=target)
-        if not mask.any():
-            raise RecordError(f"{record['mask']}: empty mask for {target!r}; no box to ask or answer about")
-        box = box_text(box_from_mask(mask[0]))
-        if task == "rec":
-            return choose(REC_PROMPTS, rng, target=target), f"It is at {box}."
-        return choose(REG_PROMPTS, rng, box=box), f"It is the {target}."
+
+def record_texts(record: dict, mask: np.ndarray | None, rng: np.random.Generator) -> tuple[str, str]:
+    """(question, answer) of a record: its own, or drawn from the task's templates (box text from the mask)."""
+    task = record["task"]
+    if task in ("caption", "vqa_closed", "vqa_open", "refseg"):
+        return record.get("question") or choose(CAPTION_PROMPTS, rng), record["answer"]
+    target = record["target"]
+    if task == "seg":
+        return choose(SEGMENT_PROMPTS, rng, target=target), choose(SEGMENT_ANSWERS, rng, target=target)
+    if not mask.any():
+        raise RecordError(f"{record['mask']}: empty mask for {target!r}; no box to ask or answer about")
+    box = box_text(box_from_mask(mask[0]))
+    if task == "rec":
+        return choose(REC_PROMPTS, rng, target=target), f"It is at {box}."
+    return choose(REG_PROMPTS, rng, box=box), f"It is the {target}."
 
 
 def _is_sample(sample) -> bool:
     return sample is not None
 
 
-def lamed_samples(source, tokenizer, spec: SampleSpec, *, seed: int, num_epochs: int | None = None
-                  ) -> grain.MapDataset:
-    """Unbatched samples of all records, reshuffled every epoch; `num_epochs=None` repeats forever.
-    A bad record is None here with `skip_bad_records` (dropped after the process split)."""
+def source_samples(source, tokenizer, spec, *, seed: int, num_epochs: int | None = None) -> grain.MapDataset:
+    """Unbatched samples of all records (by `spec.transform`), reshuffled every epoch; `num_epochs=None`
+    repeats forever. A bad record is None here with `skip_bad_records` (dropped after the process split)."""
     dataset = grain.MapDataset.source(source)
     epoch_length = len(dataset)
     dataset = dataset.shuffle(seed=seed).repeat(num_epochs)
-    return dataset.map_with_index(LamedTransform(tokenizer, spec, seed, epoch_length))
+    return dataset.map_with_index(spec.transform(tokenizer, seed, epoch_length))
 
 
 class ProcessRows(grain.MapDataset):
@@ -171,7 +188,7 @@ def _numbered(index: int, sample: dict | None) -> dict | None:
     return {**sample, "sample_index": np.asarray(index, np.int64)}
 
 
-def batched(samples: grain.MapDataset, spec: SampleSpec, *, batch_size: int, process_index: int = 0,
+def batched(samples: grain.MapDataset, spec, *, batch_size: int, process_index: int = 0,
             process_count: int = 1) -> grain.MapDataset | grain.IterDataset:
     """Numbers the global stream (`sample_index`), keeps this process's rows of each global batch of
     `batch_size`, and batches them (batch_size / process_count rows; a last partial batch is dropped).
@@ -183,10 +200,10 @@ def batched(samples: grain.MapDataset, spec: SampleSpec, *, batch_size: int, pro
     return rows.batch(batch_size // process_count, drop_remainder=True)
 
 
-def lamed_dataset(source, tokenizer, spec: SampleSpec, *, seed: int, batch_size: int, num_epochs: int | None = None,
-                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset | grain.IterDataset:
-    """`batched` `lamed_samples` of one source; `batch_size` is the global batch."""
-    samples = lamed_samples(source, tokenizer, spec, seed=seed, num_epochs=num_epochs)
+def source_dataset(source, tokenizer, spec, *, seed: int, batch_size: int, num_epochs: int | None = None,
+                   process_index: int = 0, process_count: int = 1) -> grain.MapDataset | grain.IterDataset:
+    """`batched` `source_samples` of one source; `batch_size` is the global batch."""
+    samples = source_samples(source, tokenizer, spec, seed=seed, num_epochs=num_epochs)
     return batched(samples, spec, batch_size=batch_size, process_index=process_index, process_count=process_count)
 
 
@@ -254,13 +271,13 @@ def build_source(entry, root: str | None = None) -> object:
     return sources.RefSegSource(path)
 
 
-def build_mixture(data_config, tokenizer, spec: SampleSpec, *, seed: int, process_index: int = 0,
+def build_mixture(data_config, tokenizer, spec, *, seed: int, process_index: int = 0,
                   process_count: int = 1, sources_key: str = "sources"):
     """The weighted mixture of a config's `data.sources` (each with kind, path, split, weight), batched
     (`batch_size` global)."""
     parts, weights = [], []
     for offset, entry in enumerate(data_config[sources_key]):
-        parts.append(lamed_samples(build_source(entry, data_config.get("root")), tokenizer, spec, seed=seed + offset))
+        parts.append(source_samples(build_source(entry, data_config.get("root")), tokenizer, spec, seed=seed + offset))
         weights.append(float(entry.get("weight", 1.0)))
     mixed = parts[0] if len(parts) == 1 else mix(parts, weights)
     return batched(mixed, spec, batch_size=int(data_config["batch_size"]), process_index=process_index,

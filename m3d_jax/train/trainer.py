@@ -1,8 +1,9 @@
-"""The LaMed training loop: a mesh from the config, the model created sharded (and filled from pretrained
-checkpoints), LoRA, the stage's trainable filter, one jitted step with donated state, Orbax checkpoints
-(async every K steps, keep N, saved on preemption, restored onto any mesh) that include the data
-iterator's position, metrics with tokens/s and MFU, periodic eval (loss and closed-VQA accuracy by greedy
-decoding), and at the end a final checkpoint plus a PyTorch export in the released layout.
+"""The training loop, shared by every model family (`config.task`: lamed, clip; see `tasks.py`): a mesh
+from the config, the model created sharded (and filled from pretrained checkpoints), LoRA, the stage's
+trainable filter, one jitted step with donated state, Orbax checkpoints (async every K steps, keep N,
+saved on preemption, restored onto any mesh) that include the data iterator's position, metrics with
+tokens/s and MFU, periodic eval (loss on the eval sources plus the task's own metrics), and at the end a
+final checkpoint plus a PyTorch export in the released layout.
 
 Run it with `python -m m3d_jax.train --config=configs/NAME.py --workdir=DIR`.
 """
@@ -21,21 +22,15 @@ from absl import logging
 from flax import nnx
 from ml_collections import ConfigDict
 
-from m3d_jax.data.augment import AugmentConfig
-from m3d_jax.data.pipeline import SampleSpec, build_mixture, iterate, to_global_arrays
-from m3d_jax.models.decoder import DecoderConfig
-from m3d_jax.models.decoder_presets import PRESETS
-from m3d_jax.models.lamed import Lamed, LamedConfig, lamed_loss
-from m3d_jax.models.vit3d import ViT3DConfig
+from m3d_jax.data.pipeline import build_mixture, iterate, to_global_arrays
 from m3d_jax.sharding import MeshConfig, batch_sharding, create_sharded, make_mesh, replicate_strays, shard_model
 from m3d_jax.train.checkpoints import Checkpoints, abstract_like
-from m3d_jax.train.lora import LoraConfig, apply_lora, merge_lora
+from m3d_jax.train.lora import LoraConfig, apply_lora
 from m3d_jax.train.metrics import MetricWriter, mfu, peak_flops, step_flops
 from m3d_jax.train.optim import OptimConfig, make_optimizer, schedule
 from m3d_jax.train.step import make_train_step, trainable
+from m3d_jax.train.tasks import Task, get_task
 
-# The batch entries the model takes, with their ranks: [B, C, D, H, W] volumes, [B, L] token arrays.
-MODEL_INPUTS = {"images": 5, "input_ids": 2, "attention_mask": 2, "labels": 2, "seg_masks": 5}
 KILL_AT_SAVE = "M3D_JAX_FAULT_KILL_AT_SAVE"  # fault injection for tests: SIGKILL right after this step's save starts
 
 
@@ -43,115 +38,29 @@ class TrainingStopped(RuntimeError):
     """Training stopped on purpose (non-finite loss per the config); the saved state is clean."""
 
 
-def build_tokenizer(name: str):
-    """"phantoms" (the offline word tokenizer of the phantom set) or a tokenizer folder; the LaMed tokens
-    are added. Returns (tokenizer, LamedTokenIds)."""
-    from m3d_jax.tokenizer import add_lamed_tokens, load_lamed_tokenizer
-
-    if name == "phantoms":
-        from m3d_jax.data.phantoms import phantom_tokenizer
-
-        tokenizer = phantom_tokenizer()
-        return tokenizer, add_lamed_tokens(tokenizer)
-    return load_lamed_tokenizer(name)
-
-
-def lamed_config(model: ConfigDict, ids, vocab_size: int) -> LamedConfig:
-    """The model section → LamedConfig. `decoder.preset` names a decoder preset whose fields the other
-    decoder keys override; the vocabulary is sized to the tokenizer (as LaMed resizes its embeddings) and
-    the image / [SEG] ids come from it."""
-    values = model.to_dict()
-    decoder = dict(values.pop("decoder", {}))
-    preset = decoder.pop("preset", "")
-    base = dataclasses.asdict(PRESETS[preset]()) if preset else {}
-    decoder_config = DecoderConfig.from_dict({**base, **decoder, "vocab_size": vocab_size})
-    vision = ViT3DConfig.from_dict(values.pop("vision", {}))
-    return dataclasses.replace(LamedConfig.from_dict(values), vision=vision, decoder=decoder_config,
-                               image_token_id=ids.image, seg_token_id=ids.seg)
-
-
-def _on_host():
-    """A context placing eagerly created arrays in host memory (loading pretrained weights)."""
-    return jax.default_device(jax.local_devices(backend="cpu")[0])
-
-
-def load_pretrained(model: Lamed, init: ConfigDict, mesh) -> None:
-    """Fills parts of a sharded model from checkpoints: `lamed` (a whole LaMed: released folder or an
-    m3d-jax folder), else `language_model` (a transformers Phi-3 / Llama folder, embeddings resized to the
-    tokenizer with mean-initialised new rows) and/or `vision_tower` (an M3D-CLIP / ViT checkpoint). Each part
-    is read on the host and placed in the model's layout."""
-    from m3d_jax.sharding import state_shardings
-
-    def place(module: nnx.Module, loaded: nnx.Module, name: str, source: str) -> None:
-        target = nnx.state(module)
-        state = nnx.state(loaded)
-        if jax.tree.map(np.shape, target) != jax.tree.map(np.shape, state):
-            raise ValueError(f"{source}: the {name} in this checkpoint does not match the configured model; "
-                             "set the config's model section to the checkpoint's sizes")
-        nnx.update(module, jax.device_put(state, state_shardings(target, mesh)))
-
-    if init.get("lamed"):
-        from m3d_jax.convert.lamed import load_lamed_folder
-
-        with _on_host():
-            place(model, load_lamed_folder(init.lamed), "LaMed", init.lamed)
-        return
-    if init.get("language_model"):
-        from m3d_jax.convert.decoder import load_hf_decoder
-        from m3d_jax.tokenizer import resize_token_embeddings
-
-        config = model.config.decoder
-        with _on_host():
-            loaded, _ = load_hf_decoder(init.language_model, dtype=config.dtype, remat=config.remat,
-                                        scan_layers=config.scan_layers)
-            added = max(0, config.vocab_size - loaded.config.vocab_size)
-            loaded = resize_token_embeddings(loaded, config.vocab_size, added)
-            place(model.language_model, loaded, "language model", init.language_model)
-    if init.get("vision_tower"):
-        from m3d_jax.convert.vit3d import load_vit3d
-
-        with _on_host():
-            loaded, _ = load_vit3d(init.vision_tower, model.config.vision, init.get("vision_layout", "m3d_clip_vision"))
-            place(model.vision_tower, loaded, "vision tower", init.vision_tower)
-
-
-def sample_spec(config: ConfigDict, model_config: LamedConfig, *, train: bool) -> SampleSpec:
-    data = config.data
-    return SampleSpec(image_size=model_config.vision.image_size, proj_out_num=model_config.proj_out_num,
-                      image_token_id=model_config.image_token_id, max_length=int(data.max_length),
-                      in_channels=model_config.vision.in_channels,
-                      augment=_augment(data.get("augment", True)) if train else None,
-                      window=tuple(data.window) if data.get("window") else None,
-                      skip_bad_records=bool(data.get("skip_bad_records", False)))
-
-
-def _augment(setting) -> AugmentConfig | None:
-    """data.augment: True (the reference recipe), False, or a mapping of AugmentConfig fields."""
-    if not setting:
-        return None
-    return AugmentConfig() if setting is True else AugmentConfig(**dict(setting))
-
-
 @dataclasses.dataclass
 class Setup:
     """Everything `train` builds from a config (also used by benchmarks and tests)."""
 
+    task: Task
     mesh: jax.sharding.Mesh
     tokenizer: Any
-    model_config: LamedConfig
-    model: Lamed
+    model_config: Any
+    model: nnx.Module
     optimizer: nnx.Optimizer
     optim_config: OptimConfig
     wrt: Any
 
 
 def setup(config: ConfigDict) -> Setup:
+    """Mesh, tokenizer, sharded model (pretrained parts loaded, LoRA applied) and optimizer of a config."""
+    task = get_task(config.get("task", "lamed"))
     mesh = make_mesh(MeshConfig(**config.mesh))
-    tokenizer, ids = build_tokenizer(config.tokenizer)
-    model_config = lamed_config(config.model, ids, len(tokenizer))
-    lora = LoraConfig(**config.lora) if config.lora.rank > 0 else None
-    model = create_sharded(lambda: Lamed(model_config, rngs=nnx.Rngs(config.seed)), mesh)
-    load_pretrained(model, config.get("init", ConfigDict()), mesh)
+    tokenizer, model_config, make_model = task.build(config)
+    lora_config = config.get("lora")
+    lora = LoraConfig(**lora_config) if lora_config is not None and lora_config.rank > 0 else None
+    model = create_sharded(make_model, mesh)
+    task.load_pretrained(model, config.get("init", ConfigDict()), mesh)
     if lora is not None:
         apply_lora(model, lora, rngs=nnx.Rngs(config.seed + 1))
         model = shard_model(model, mesh)
@@ -160,16 +69,16 @@ def setup(config: ConfigDict) -> Setup:
     wrt = trainable(config.stage, lora=lora is not None)
     optimizer = nnx.Optimizer(model, make_optimizer(optim), wrt=wrt)
     replicate_strays(optimizer, mesh)
-    return Setup(mesh, tokenizer, model_config, model, optimizer, optim, wrt)
+    return Setup(task, mesh, tokenizer, model_config, model, optimizer, optim, wrt)
 
 
 def compiled_step(run: Setup) -> tuple[nnx.GraphDef, nnx.State, Any]:
     """The run's (model, optimizer) split into graph and state, and the jitted step laid out by the state's
-    shardings and the batch's (`MODEL_INPUTS` over the data axes)."""
+    shardings and the batch's (the task's inputs over the data axes)."""
     graphdef, state = nnx.split((run.model, run.optimizer))
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    batch_shardings = {key: batch_sharding(run.mesh, ndim) for key, ndim in MODEL_INPUTS.items()}
-    return graphdef, state, make_train_step(graphdef, lamed_loss, run.wrt, state_shardings=shardings,
+    batch_shardings = {key: batch_sharding(run.mesh, ndim) for key, ndim in run.task.inputs.items()}
+    return graphdef, state, make_train_step(graphdef, run.task.loss, run.wrt, state_shardings=shardings,
                                             batch_shardings=batch_shardings)
 
 
@@ -184,7 +93,7 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
     del run.model, run.optimizer
 
     _ensure_phantoms(config.data, primary)
-    spec = sample_spec(config, model_config, train=True)
+    spec = run.task.sample_spec(config, model_config, train=True)
     dataset = build_mixture(config.data, run.tokenizer, spec, seed=config.seed, process_index=process,
                             process_count=processes)
     iterator = iterate(dataset, threads=config.data.get("threads") or None)
@@ -217,7 +126,7 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
         while step < config.total_steps:
             host_batch = next(iterator)
             sample_index = host_batch.pop("sample_index", None)
-            batch = to_global_arrays({k: host_batch[k] for k in MODEL_INPUTS}, mesh)
+            batch = to_global_arrays({k: host_batch[k] for k in run.task.inputs}, mesh)
             key = jax.random.fold_in(base_key, step)
             if flops is None:
                 flops = step_flops(step_fn.lower(state, batch, key)) or 0.0
@@ -261,8 +170,8 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
         writer.message("final eval: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
         if config.get("export_pytorch", True):
             folder = os.path.join(workdir, "pytorch")
-            export_pytorch(nnx.merge(graphdef, state)[0], run.tokenizer, folder, primary)
-            writer.message(f"wrote the PyTorch export (released LaMed layout) to {folder}")
+            export_pytorch(run.task, nnx.merge(graphdef, state)[0], run.tokenizer, folder, primary)
+            writer.message(f"wrote the PyTorch export (released {run.task.name} layout) to {folder}")
         return results
     finally:
         ckpt.close()
@@ -360,62 +269,29 @@ class _Preemption:
 
 
 def evaluate(graphdef, state, run: Setup, config: ConfigDict) -> dict[str, float]:
-    """Eval loss over `eval.loss_batches` batches of the eval sources, and closed-VQA accuracy (the
-    M3D-Bench rule: correct when "{letter}." occurs in the greedy answer) on `eval.vqa_samples` questions."""
-    from m3d_jax.data.pipeline import build_source
-    from m3d_jax.data.prompts import prompt_ids
-    from m3d_jax.data.volume import load_volume, prepare
-    from m3d_jax.generate import SamplingConfig, left_pad
-    from m3d_jax.models.lamed import generate_lamed
-
+    """The task's loss metric over `eval.loss_batches` batches of `eval.sources`, plus the task's own
+    metrics (closed-VQA accuracy for LaMed, retrieval recall for CLIP)."""
     model = nnx.merge(graphdef, state)[0]
-    model_config, tokenizer, eval_config = run.model_config, run.tokenizer, config.eval
+    task, eval_config = run.task, config.eval
     results: dict[str, float] = {}
-    if eval_config.loss_batches:
+    if eval_config.get("loss_batches"):
         data = ConfigDict(dict(config.data.to_dict(), sources=eval_config.sources, batch_size=eval_config.batch_size))
-        spec = sample_spec(config, model_config, train=False)
-        iterator = iterate(build_mixture(data, tokenizer, spec, seed=config.seed, process_index=jax.process_index(),
-                                         process_count=jax.process_count()))
+        spec = task.sample_spec(config, run.model_config, train=False)
+        iterator = iterate(build_mixture(data, run.tokenizer, spec, seed=config.seed,
+                                         process_index=jax.process_index(), process_count=jax.process_count()))
+        eval_loss = nnx.jit(lambda model, batch: task.loss(model, batch)[1][task.eval_metric])
         losses = []
         for _ in range(eval_config.loss_batches):
             host = next(iterator)
-            batch = to_global_arrays({k: host[k] for k in MODEL_INPUTS}, run.mesh)
-            losses.append(float(_eval_loss(model, batch)["lm_loss"]))
-        results["lm_loss"] = float(np.mean(losses))
-    if eval_config.vqa_samples:
-        source = build_source(dict(kind="vqa_closed", path=eval_config.vqa_path), config.data.get("root"))
-        records = source.records[: eval_config.vqa_samples]
-        sampling = SamplingConfig(max_new_tokens=eval_config.max_new_tokens, eos_token_ids=(tokenizer.eos_token_id,),
-                                  pad_token_id=tokenizer.pad_token_id, seed=42)
-        correct = 0
-        for begin in range(0, len(records), eval_config.batch_size):
-            chunk = records[begin:begin + eval_config.batch_size]
-            images = np.stack([prepare(load_volume(r["image"]).array, model_config.vision.image_size,
-                                       tuple(config.data.window) if config.data.get("window") else None)[0]
-                               for r in chunk])
-            prompts = [prompt_ids(tokenizer, r["question"], proj_out_num=model_config.proj_out_num,
-                                  image_token_id=model_config.image_token_id) for r in chunk]
-            ids, mask = left_pad(prompts, tokenizer.pad_token_id)
-            out = generate_lamed(model, images, ids, attention_mask=mask, config=sampling)
-            tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-            for row, record in enumerate(chunk):
-                answer = tokenizer.decode(tokens[row, : lengths[row]], skip_special_tokens=True)
-                correct += f"{record['choice']}." in answer
-        results["vqa_closed_accuracy"] = correct / max(1, len(records))
+            losses.append(float(eval_loss(model, to_global_arrays({k: host[k] for k in task.inputs}, run.mesh))))
+        results[task.eval_metric] = float(np.mean(losses))
+    results.update(task.evaluate(model, run, config))
     return results
 
 
-@nnx.jit
-def _eval_loss(model, batch):
-    return lamed_loss(model, batch)[1]
-
-
-def export_pytorch(model: Lamed, tokenizer, folder: str, primary: bool = True) -> None:
-    """LoRA merged into the LLM, then the released M3D-LaMed layout (config.json + safetensors) and the
-    tokenizer; with several processes the parameters are gathered and process 0 writes."""
-    from m3d_jax.convert.lamed import export_lamed
-
-    merge_lora(model)
+def export_pytorch(task: Task, model: nnx.Module, tokenizer, folder: str, primary: bool = True) -> None:
+    """The task's released PyTorch layout; with several processes the parameters are gathered and
+    process 0 writes."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -423,5 +299,4 @@ def export_pytorch(model: Lamed, tokenizer, folder: str, primary: bool = True) -
         state = jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True), state)
         model = nnx.merge(graphdef, state)
     if primary:
-        export_lamed(model, folder)
-        tokenizer.save_pretrained(folder)
+        task.export(model, tokenizer, folder)

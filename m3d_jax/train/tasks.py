@@ -1,0 +1,83 @@
+"""What the training loop needs from a model family, one `Task` per family (`config.task`): LaMed
+(`lamed_task`) and M3D-CLIP (`clip_task`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from flax import nnx
+from ml_collections import ConfigDict
+
+TASK_MODULES = {"lamed": "m3d_jax.train.lamed_task", "clip": "m3d_jax.train.clip_task"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """name; inputs: batch key → rank of what the model takes; build(config) → (tokenizer, model config,
+    model factory); load_pretrained(model, config.init, mesh); loss(model, batch, rngs) → (loss, metrics);
+    sample_spec(config, model_config, train) → a data spec whose `transform` makes samples; eval_metric:
+    the loss metric reported on the eval sources; evaluate(model, run, config) → task metrics (e.g.
+    closed-VQA accuracy, retrieval recall); export(model, tokenizer, folder): the released PyTorch
+    layout (on the primary process, parameters gathered)."""
+
+    name: str
+    inputs: Mapping[str, int]
+    build: Callable[[ConfigDict], tuple[Any, Any, Callable[[], nnx.Module]]]
+    load_pretrained: Callable[[nnx.Module, ConfigDict, Any], None]
+    loss: Callable
+    sample_spec: Callable[..., Any]
+    eval_metric: str
+    evaluate: Callable[..., dict[str, float]]
+    export: Callable[[nnx.Module, Any, str], None]
+
+
+def get_task(name: str) -> Task:
+    """The task registered under `name` (config.task; default "lamed")."""
+    if name not in TASK_MODULES:
+        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASK_MODULES)}")
+    return importlib.import_module(TASK_MODULES[name]).TASK
+
+
+def augment_config(setting):
+    """data.augment: True (the reference recipe), False, or a mapping of AugmentConfig fields."""
+    from m3d_jax.data.augment import AugmentConfig
+
+    if not setting:
+        return None
+    return AugmentConfig() if setting is True else AugmentConfig(**dict(setting))
+
+
+def on_host():
+    """A context placing eagerly created arrays in host memory (loading pretrained weights)."""
+    import jax
+
+    return jax.default_device(jax.local_devices(backend="cpu")[0])
+
+
+def place(module: nnx.Module, loaded: nnx.Module, name: str, source: str, mesh) -> None:
+    """Copies a loaded (host) module's parameters into a sharded module of the same structure."""
+    import jax
+    import numpy as np
+
+    from m3d_jax.sharding import state_shardings
+
+    target = nnx.state(module)
+    state = nnx.state(loaded)
+    if jax.tree.map(np.shape, target) != jax.tree.map(np.shape, state):
+        raise ValueError(f"{source}: the {name} in this checkpoint does not match the configured model; "
+                         "set the config's model section to the checkpoint's sizes")
+    nnx.update(module, jax.device_put(state, state_shardings(target, mesh)))
+
+
+def load_vision_tower(module: nnx.Module, vision_config, init: ConfigDict, mesh) -> None:
+    """Fills a ViT3D from `init.vision_tower` (a 3D ViT checkpoint in `init.vision_layout`), if set."""
+    if not init.get("vision_tower"):
+        return
+    from m3d_jax.convert.vit3d import load_vit3d
+
+    with on_host():
+        loaded, _ = load_vit3d(init.vision_tower, vision_config, init.get("vision_layout", "m3d_clip_vision"))
+        place(module, loaded, "vision tower", init.vision_tower, mesh)

