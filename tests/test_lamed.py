@@ -93,7 +93,7 @@ def test_image_placeholders_are_validated(phi3_lamed, rng):
     _, model, _ = phi3_lamed
     images = jnp.asarray(rng.random((1, 1, 16, 64, 64), dtype=np.float32))
     bad = np.array([[1, *[IMAGE_ID] * (NUM_IMAGE_TOKENS - 1), 5, 6]])
-    with pytest.raises(ValueError, match=r"row 0: expected 8 consecutive <im_patch> ids \(256\).*found 7"):
+    with pytest.raises(ValueError, match=r"row 0: expected 8 consecutive image placeholder ids \(256\).*found 7.*<im_patch> × 8"):
         model(images, jnp.asarray(bad))
 
 

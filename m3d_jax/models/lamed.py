@@ -134,24 +134,37 @@ class LamedOutput(NamedTuple):
     last_hidden_state: jax.Array  # [B, L, H] after the final norm
 
 
-def image_token_starts(input_ids: np.ndarray, config: LamedConfig) -> np.ndarray:
-    """Where each row's image tokens start (1 for an unpadded row: right after BOS); raises a ValueError
-    naming the row when a row does not hold exactly `proj_out_num` consecutive `<im_patch>` ids."""
+def placeholder_starts(input_ids: np.ndarray, token_id: int, count: int, layout: str) -> np.ndarray:
+    """Where each row's block of `count` consecutive `token_id` placeholders starts; raises a ValueError
+    naming the row (and the expected prompt `layout`) when a row holds any other arrangement."""
     ids = np.asarray(input_ids)
-    count = config.proj_out_num
-    is_image = ids == config.image_token_id
+    is_image = ids == token_id
     starts = np.argmax(is_image, axis=1)
     for row in range(ids.shape[0]):
         start = int(starts[row])
         found = int(is_image[row].sum())
         block = is_image[row, start : start + count]
         if found != count or block.size != count or not block.all():
-            raise ValueError(
-                f"input_ids row {row}: expected {count} consecutive <im_patch> ids ({config.image_token_id}) after "
-                f"BOS, found {found} starting at position {start}; build prompts as BOS + <im_patch> × "
-                f"{count} + text"
-            )
+            raise ValueError(f"input_ids row {row}: expected {count} consecutive image placeholder ids ({token_id}), "
+                             f"found {found} starting at position {start}; build prompts as {layout}")
     return starts.astype(np.int32)
+
+
+def image_token_starts(input_ids: np.ndarray, config: LamedConfig) -> np.ndarray:
+    """Where each row's `<im_patch>` block starts (1 for an unpadded row: right after BOS)."""
+    return placeholder_starts(input_ids, config.image_token_id, config.proj_out_num,
+                              f"BOS + <im_patch> × {config.proj_out_num} + text")
+
+
+def splice(embeds: jax.Array, features: jax.Array, starts: jax.Array) -> jax.Array:
+    """embeds [B, T, H] with rows starts[b] … starts[b] + N − 1 replaced by features [B, N, H].
+
+    An elementwise select of gathered rows (not a per-row dynamic_update_slice), which the SPMD
+    partitioner keeps in the batch-sharded layout."""
+    offsets = jnp.arange(embeds.shape[1])[None] - starts[:, None]  # [B, T]
+    inside = (offsets >= 0) & (offsets < features.shape[1])
+    gathered = jnp.take_along_axis(features, jnp.clip(offsets, 0, features.shape[1] - 1)[..., None], axis=1)
+    return jnp.where(inside[..., None], gathered.astype(embeds.dtype), embeds)
 
 
 class Lamed(nnx.Module):
@@ -185,13 +198,7 @@ class Lamed(nnx.Module):
             else:
                 image_starts = jnp.asarray(image_token_starts(np.asarray(input_ids), self.config))
         embeds = self.language_model.embed_tokens(input_ids)
-        features = self.encode_images(images).astype(embeds.dtype)  # [B, N, H]
-        # An elementwise select of gathered rows (not a per-row dynamic_update_slice), which the SPMD
-        # partitioner keeps in the batch-sharded layout.
-        offsets = jnp.arange(input_ids.shape[1])[None] - image_starts[:, None]  # [B, T]
-        inside = (offsets >= 0) & (offsets < features.shape[1])
-        gathered = jnp.take_along_axis(features, jnp.clip(offsets, 0, features.shape[1] - 1)[..., None], axis=1)
-        return jnp.where(inside[..., None], gathered, embeds)
+        return splice(embeds, self.encode_images(images), image_starts)
 
     def __call__(
         self,

@@ -10,11 +10,9 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from m3d_jax.data.pipeline import SampleSpec
-from m3d_jax.models.decoder import DecoderConfig
-from m3d_jax.models.decoder_presets import PRESETS
 from m3d_jax.models.lamed import Lamed, LamedConfig, lamed_loss
 from m3d_jax.models.vit3d import ViT3DConfig
-from m3d_jax.train.tasks import Task, augment_config, load_vision_tower, on_host, place
+from m3d_jax.train.tasks import Task, augment_config, decoder_config, load_vision_tower, on_host, place
 
 # The batch entries the model takes, with their ranks: [B, C, D, H, W] volumes, [B, L] token arrays.
 INPUTS = {"images": 5, "input_ids": 2, "attention_mask": 2, "labels": 2, "seg_masks": 5}
@@ -38,12 +36,9 @@ def lamed_config(model: ConfigDict, ids, vocab_size: int) -> LamedConfig:
     decoder keys override; the vocabulary is sized to the tokenizer (as LaMed resizes its embeddings) and
     the image / [SEG] ids come from it."""
     values = model.to_dict()
-    decoder = dict(values.pop("decoder", {}))
-    preset = decoder.pop("preset", "")
-    base = dataclasses.asdict(PRESETS[preset]()) if preset else {}
-    decoder_config = DecoderConfig.from_dict({**base, **decoder, "vocab_size": vocab_size})
+    decoder = decoder_config(values.pop("decoder", {}), vocab_size=vocab_size)
     vision = ViT3DConfig.from_dict(values.pop("vision", {}))
-    return dataclasses.replace(LamedConfig.from_dict(values), vision=vision, decoder=decoder_config,
+    return dataclasses.replace(LamedConfig.from_dict(values), vision=vision, decoder=decoder,
                                image_token_id=ids.image, seg_token_id=ids.seg)
 
 

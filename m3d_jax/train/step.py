@@ -13,11 +13,14 @@ from flax import nnx
 
 from m3d_jax.train.lora import LoraParam, lora_dropout
 
-# Parameter-path prefixes trained in each stage (REFERENCE §1.7).
+# Parameter-path prefixes trained in each stage (REFERENCE §1.7, §3).
 STAGES: dict[str, tuple[str, ...]] = {
     "lamed_stage1": ("mm_projector", "language_model/embed_tokens"),
     "lamed_stage2": ("vision_tower", "mm_projector", "language_model", "seg_projector", "seg_module"),
     "frozen_vision": ("mm_projector", "language_model", "seg_projector", "seg_module"),  # all but the ViT
+    # Med-2E3 (M3D-CLIP stays frozen in both): connectors (incl. text_mlp), then + LLM and SigLIP in full.
+    "med2e3_stage1": ("vision2d_connector", "vision3d_connector"),
+    "med2e3_stage2": ("llm", "vision2d_model", "vision2d_connector", "vision3d_connector"),
     "full": ("",),
 }
 

@@ -1,5 +1,5 @@
 """What the training loop needs from a model family, one `Task` per family (`config.task`): LaMed
-(`lamed_task`) and M3D-CLIP (`clip_task`)."""
+(`lamed_task`), M3D-CLIP (`clip_task`) and Med-2E3 (`med2e3_task`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from typing import Any
 from flax import nnx
 from ml_collections import ConfigDict
 
-TASK_MODULES = {"lamed": "m3d_jax.train.lamed_task", "clip": "m3d_jax.train.clip_task"}
+TASK_MODULES = {"lamed": "m3d_jax.train.lamed_task", "clip": "m3d_jax.train.clip_task",
+                "med2e3": "m3d_jax.train.med2e3_task"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,18 @@ def get_task(name: str) -> Task:
     if name not in TASK_MODULES:
         raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASK_MODULES)}")
     return importlib.import_module(TASK_MODULES[name]).TASK
+
+
+def decoder_config(section: dict, **fixed):
+    """A model config's `decoder` section → DecoderConfig: `preset` names a decoder preset whose fields the
+    other keys override; `fixed` (e.g. the tokenizer's vocab_size) overrides both."""
+    from m3d_jax.models.decoder import DecoderConfig
+    from m3d_jax.models.decoder_presets import PRESETS
+
+    section = dict(section)
+    preset = section.pop("preset", "")
+    base = dataclasses.asdict(PRESETS[preset]()) if preset else {}
+    return DecoderConfig.from_dict({**base, **section, **fixed})
 
 
 def augment_config(setting):
