@@ -142,7 +142,7 @@ def phantom_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from m3d_jax.data import prompts
+    from m3d_jax.data import med2e3_samples, prompts
     from m3d_jax.tokenizer import add_lamed_tokens
 
     texts = [*prompts.CAPTION_PROMPTS, *prompts.SEGMENT_PROMPTS, *prompts.SEGMENT_ANSWERS, *prompts.REC_PROMPTS,
@@ -151,7 +151,10 @@ def phantom_tokenizer():
              "Please segment every lesion in this scan. The lesions are at"]
     rng = np.random.default_rng(0)
     texts += [make_case(rng, (16, 16, 16))["report"] for _ in range(64)]
-    words = sorted({w for text in texts for w in re.findall(r"\w+|[^\w\s]+", text.replace("[SEG]", " "))})
+    split = lambda text: re.findall(r"\w+|[^\w\s]+", text.replace("[SEG]", " "))  # noqa: E731
+    words = sorted({w for text in texts for w in split(text)})
+    # Med-2E3's chat template, appended so the LaMed words keep their ids.
+    words += sorted({w for w in split(med2e3_samples.SYSTEM + " USER: ASSISTANT:")} - set(words))
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
