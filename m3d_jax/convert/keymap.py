@@ -123,6 +123,21 @@ class FusedLinear(Transform):
         return transposed(rows).reshape(jax_shape)
 
 
+class FusedBias(Transform):
+    """One flat torch bias whose entries stack several JAX biases in order, e.g. torch MultiheadAttention's
+    `in_proj_bias` (q, k, v) ↔ three [heads, head_dim] biases."""
+
+    def torch_shape(self, jax_shapes: Sequence[Shape]) -> Shape:
+        return (sum(math.prod(shape) for shape in jax_shapes),)
+
+    def to_jax(self, tensor: np.ndarray, jax_shapes: Sequence[Shape]) -> list[np.ndarray]:
+        bounds = np.cumsum([math.prod(shape) for shape in jax_shapes])[:-1]
+        return [part.reshape(shape) for part, shape in zip(np.split(tensor, bounds), jax_shapes, strict=True)]
+
+    def to_torch(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        return np.concatenate([array.reshape(-1) for array in arrays])
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     torch: str  # e.g. "blocks.{layer}.attn.qkv.weight"

@@ -7,7 +7,6 @@ Prefixes: transformers 4.x checkpoints and Med-2E3's released `vision2d_model/py
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 
@@ -15,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from m3d_jax.convert.keymap import (
-    IDENTITY, LINEAR, ConversionReport, FusedLinear, KeyMap, Linear, Reshape, Rule, Shape, Transform, load_model,
+    IDENTITY, LINEAR, ConversionReport, FusedBias, FusedLinear, KeyMap, Linear, Reshape, Rule, Shape, Transform, load_model,
     write_state,
 )
 from m3d_jax.models.slice_encoder import SiglipVision, SiglipVisionConfig
@@ -38,21 +37,6 @@ class PatchConv(Transform):
 
     def to_torch(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         return np.ascontiguousarray(arrays[0].transpose(3, 2, 0, 1))
-
-
-class FusedBias(Transform):
-    """One flat torch bias whose entries stack several JAX biases in order, e.g. torch MultiheadAttention's
-    `in_proj_bias` (q, k, v) ↔ three [heads, head_dim] biases."""
-
-    def torch_shape(self, jax_shapes: Sequence[Shape]) -> Shape:
-        return (sum(math.prod(shape) for shape in jax_shapes),)
-
-    def to_jax(self, tensor: np.ndarray, jax_shapes: Sequence[Shape]) -> list[np.ndarray]:
-        bounds = np.cumsum([math.prod(shape) for shape in jax_shapes])[:-1]
-        return [part.reshape(shape) for part, shape in zip(np.split(tensor, bounds), jax_shapes, strict=True)]
-
-    def to_torch(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
-        return np.concatenate([array.reshape(-1) for array in arrays])
 
 
 def _norm(torch_name: str, jax_name: str) -> list[Rule]:
