@@ -14,8 +14,8 @@ import numpy as np
 from flax import nnx
 
 from m3d_jax.convert.keymap import (
-    IDENTITY, LINEAR, ConversionReport, FusedBias, FusedLinear, KeyMap, Linear, Reshape, Rule, Shape, Transform, load_model,
-    write_state,
+    IDENTITY, LINEAR, ConversionReport, FusedBias, FusedLinear, KeyMap, Linear, Reshape, Rule, Shape, Transform,
+    load_model, write_state,
 )
 from m3d_jax.models.slice_encoder import SiglipVision, SiglipVisionConfig
 
