@@ -1,0 +1,1 @@
+"""Training losses: the entropic partial optimal-transport alignment of Med3DInsight."""
