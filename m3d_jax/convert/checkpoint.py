@@ -5,6 +5,9 @@ An m3d-jax parameter folder holds `config.json` (the model's transformers-style 
 `"m3d_jax_kind"`) and safetensors shards keyed by the JAX parameter paths (e.g.
 `language_model.layers.self_attn.q_proj.kernel`, stacked over layers), in the parameters' own layout.
 They are read one parameter (or one layer slice) at a time.
+
+Med-2E3 is the exception: its released layout spans one folder per part (llm/, vision2d_model/, ...; see
+m3d_jax.convert.med2e3), so its torch ↔ JAX conversion goes through the whole model in host memory.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from m3d_jax.convert.keymap import (
 from m3d_jax.convert.torch_io import CheckpointReadError, CheckpointReader, TensorSpec, write_checkpoint
 
 KIND_KEY = "m3d_jax_kind"
-_KIND_OF_CLASS = {"Lamed": "lamed", "Decoder": "decoder", "ViT3D": "vit3d", "M3DClip": "clip", "Bert": "bert"}
+_KIND_OF_CLASS = {"Lamed": "lamed", "Decoder": "decoder", "ViT3D": "vit3d", "M3DClip": "clip", "Bert": "bert",
+                  "Med2E3": "med2e3"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +42,9 @@ class ModelKind:
     config_from_hf: Callable[[dict], Any]
     config_to_hf: Callable[[Any], dict]
     build: Callable[[Any], nnx.Module]
-    keymap: Callable[[Any], KeyMap]
+    keymap: Callable[[Any], KeyMap] | None  # None: a multi-folder layout, converted in memory by the two below
+    load_torch: Callable[[str | os.PathLike], tuple[nnx.Module, ConversionReport]] | None = None
+    export_torch: Callable[[nnx.Module, str | os.PathLike, Any], int] | None = None
 
 
 def _kinds() -> dict[str, ModelKind]:
@@ -50,6 +56,7 @@ def _kinds() -> dict[str, ModelKind]:
     from m3d_jax.models.clip import ClipConfig, M3DClip
     from m3d_jax.models.decoder import Decoder, DecoderConfig
     from m3d_jax.models.lamed import Lamed, LamedConfig
+    from m3d_jax.models.med2e3 import Med2E3, Med2E3Config
     from m3d_jax.models.text_encoder import Bert, BertConfig
     from m3d_jax.models.vit3d import ViT3D, ViT3DConfig
 
@@ -65,17 +72,53 @@ def _kinds() -> dict[str, ModelKind]:
                           clip_keymap),
         "bert": ModelKind("bert", BertConfig.from_hf, BertConfig.to_hf, lambda c: Bert(c, rngs=nnx.Rngs(0)),
                           bert_keymap),
+        "med2e3": ModelKind("med2e3", Med2E3Config.from_hf, Med2E3Config.to_hf,
+                            lambda c: Med2E3(c, rngs=nnx.Rngs(0)), None, _load_released_med2e3,
+                            _export_released_med2e3),
     }
+
+
+def _load_released_med2e3(folder: str | os.PathLike) -> tuple[nnx.Module, ConversionReport]:
+    from m3d_jax.convert.med2e3 import load_med2e3
+
+    model, reports = load_med2e3(folder)
+    ignored = [(f"{part}/{key}", reason) for part, report in reports.items() for key, reason in report.ignored]
+    return model, ConversionReport(converted=sum(r.converted for r in reports.values()), ignored=ignored)
+
+
+def _export_released_med2e3(model: nnx.Module, folder: str | os.PathLike, dtype) -> int:
+    from m3d_jax.convert.med2e3 import PARTS, export_med2e3
+
+    export_med2e3(model, folder, dtype=dtype)
+    return sum(len(CheckpointReader(Path(folder) / part).keys()) for part in PARTS)
+
+
+def _released_med2e3_config(folder: Path) -> dict | None:
+    """The MedMLLMConfig of a released Med-2E3 folder (root or args/ config.json with a nested
+    `llm_config`), or None when `folder` is not one."""
+    from m3d_jax.convert.med2e3 import read_config
+
+    if not any((folder / name / "config.json").is_file() for name in ("", "args")):
+        return None
+    try:
+        return read_config(folder)
+    except CheckpointReadError:
+        return None
 
 
 def detect(folder: str | os.PathLike) -> tuple[ModelKind, Any]:
     """The model kind and config of a PyTorch or m3d-jax folder, from its config.json (model_type
-    lamed_phi3 / lamed_llama / phi3 / llama / m3d_clip / bert) or, without one, from the keys of a bare ViT checkpoint."""
+    lamed_phi3 / lamed_llama / phi3 / llama / m3d_clip / bert, or a Med-2E3 MedMLLMConfig with nested
+    `llm_config`, at the root or in args/) or, without one, from the keys of a bare ViT checkpoint."""
     folder = Path(folder)
     kinds = _kinds()
     config_path = folder / "config.json" if folder.is_dir() else None
+    hf = json.loads(config_path.read_text()) if config_path is not None and config_path.is_file() else {}
+    if folder.is_dir() and KIND_KEY not in hf:
+        released = _released_med2e3_config(folder)
+        if released is not None:
+            return kinds["med2e3"], kinds["med2e3"].config_from_hf(released)
     if config_path is not None and config_path.is_file():
-        hf = json.loads(config_path.read_text())
         name = hf.get(KIND_KEY)
         if name is None and "vit3d" in hf:
             name = "vit3d"
@@ -85,7 +128,8 @@ def detect(folder: str | os.PathLike) -> tuple[ModelKind, Any]:
                     else {"m3d_clip": "clip", "bert": "bert"}.get(model_type))
         if name not in kinds:
             raise CheckpointReadError(f"{config_path}: cannot tell the model kind (model_type "
-                                      f"{hf.get('model_type')!r}; expected lamed_phi3, lamed_llama, phi3, llama, m3d_clip or bert)")
+                                      f"{hf.get('model_type')!r}; expected lamed_phi3, lamed_llama, phi3, llama, "
+                                      "m3d_clip, bert, or a Med-2E3 config with a nested llm_config)")
         return kinds[name], kinds[name].config_from_hf(hf)
     reader = CheckpointReader(folder)
     keys = set(reader.keys())
@@ -111,8 +155,14 @@ def _abstract_state(kind: ModelKind, config) -> nnx.State:
 def torch_to_jax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, progress: bool = False,
                  max_shard_bytes: int = 5 * 2**30) -> ConversionReport:
     """PyTorch folder → m3d-jax parameter folder, one torch tensor at a time; parameters are stored in
-    `dtype` if given, else in the model's parameter dtype (load_jax casts on load)."""
+    `dtype` if given, else in the model's parameter dtype (load_jax casts on load). A Med-2E3 folder
+    is loaded whole into host memory and then written (its layout spans several folders)."""
     kind, config = detect(src)
+    if kind.keymap is None:
+        with _on_host():
+            model, report = kind.load_torch(src)
+            save_jax(model, dst, dtype=dtype, max_shard_bytes=max_shard_bytes)
+        return report
     reader = CheckpointReader(src)
     keymap = kind.keymap(config)
     flat = _flat_values(_abstract_state(kind, config))
@@ -151,8 +201,12 @@ def torch_to_jax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, 
 def jax_to_torch(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, progress: bool = False,
                  max_shard_bytes: int = 5 * 2**30) -> int:
     """m3d-jax parameter folder → PyTorch folder in the released layout; returns the tensor count.
-    Tensors keep the folder's stored dtype unless `dtype` is given."""
+    Tensors keep the folder's stored dtype unless `dtype` is given. A Med-2E3 folder is loaded whole
+    into host memory and exported part by part (llm/, vision2d_model/, ... as safetensors)."""
     kind, config = detect(src)
+    if kind.keymap is None:
+        with _on_host():
+            return kind.export_torch(load_jax(src), dst, dtype)
     params = CheckpointReader(src)
     keymap = kind.keymap(config)
     flat = _flat_values(_abstract_state(kind, config))
@@ -184,6 +238,9 @@ def jax_to_torch(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, 
 def load_jax(folder: str | os.PathLike, **config_overrides) -> nnx.Module:
     """Builds the model of an m3d-jax parameter folder and fills it, one parameter at a time."""
     kind, config = detect(folder)
+    if not is_jax_folder(folder):
+        raise CheckpointReadError(f"{folder}: a PyTorch {kind.name} folder, not an m3d-jax one (its config.json has "
+                                  f"no {KIND_KEY!r}); convert it with tools/convert_checkpoint.py torch2jax")
     if config_overrides:
         config = dataclasses.replace(config, **config_overrides)
     params = CheckpointReader(folder)
@@ -200,13 +257,51 @@ def load_jax(folder: str | os.PathLike, **config_overrides) -> nnx.Module:
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def save_jax(model: nnx.Module, folder: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30) -> list[Path]:
-    """Writes an m3d-jax parameter folder (config.json + safetensors keyed by parameter path)."""
+def save_jax(model: nnx.Module, folder: str | os.PathLike, *, dtype=None, max_shard_bytes: int = 5 * 2**30
+             ) -> list[Path]:
+    """Writes an m3d-jax parameter folder (config.json + safetensors keyed by parameter path), in the
+    parameters' dtype unless `dtype` is given."""
     kind = _kinds().get(_KIND_OF_CLASS.get(type(model).__name__, ""))
     if kind is None:
         raise TypeError(f"no checkpoint kind for {type(model).__name__}")
     values = _flat_values(nnx.state(model))
-    specs = [TensorSpec(path, tuple(v.shape), np.dtype(v.dtype)) for path, v in sorted(values.items())]
-    produce = lambda path: np.asarray(jax.device_get(values[path][...]))  # noqa: E731
+    stored = {path: np.dtype(dtype if dtype is not None else v.dtype) for path, v in values.items()}
+    specs = [TensorSpec(path, tuple(v.shape), stored[path]) for path, v in sorted(values.items())]
+    produce = lambda path: np.asarray(jax.device_get(values[path][...])).astype(stored[path], copy=False)  # noqa: E731
     hf = kind.config_to_hf(model.config) | {KIND_KEY: kind.name}
     return write_checkpoint(folder, specs, produce, max_shard_bytes=max_shard_bytes, config=hf)
+
+
+def is_jax_folder(folder: str | os.PathLike) -> bool:
+    """Whether `folder` is an m3d-jax parameter folder (its config.json names the kind)."""
+    path = Path(folder) / "config.json"
+    try:
+        return path.is_file() and KIND_KEY in json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointReadError(f"{path}: not valid JSON ({err})") from None
+
+
+def is_med2e3(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds a Med-2E3: an m3d-jax folder of that kind or a released folder."""
+    folder = Path(folder)
+    if is_jax_folder(folder):
+        return json.loads((folder / "config.json").read_text())[KIND_KEY] == "med2e3"
+    return folder.is_dir() and _released_med2e3_config(folder) is not None
+
+
+def load_med2e3_folder(folder: str | os.PathLike) -> nnx.Module:
+    """A Med-2E3 from an m3d-jax parameter folder or a released folder (converted in memory, with its
+    trained text_mlp; see m3d_jax.convert.med2e3)."""
+    if not is_med2e3(folder):
+        raise CheckpointReadError(f"{folder}: not a Med-2E3 checkpoint (an m3d-jax folder of kind med2e3, or a "
+                                  "released folder whose config.json or args/config.json has a nested llm_config)")
+    if is_jax_folder(folder):
+        return load_jax(folder)
+    from m3d_jax.convert.med2e3 import load_med2e3
+
+    return load_med2e3(folder)[0]
+
+
+def _on_host():
+    """Eagerly created arrays go to host memory (whole-model conversions)."""
+    return jax.default_device(jax.local_devices(backend="cpu")[0])

@@ -1,9 +1,12 @@
 """M3D-Bench: the eight tasks run on a checkpoint, per-sample outputs and metrics with the reference
 definitions and the standard ones side by side (REFERENCE §6).
 
-Generation tasks (report, vqa_closed, vqa_open, rec, reg, seg, refseg) take an M3D-LaMed; retrieval
-takes an M3D-CLIP. Decoding is greedy (256 new tokens, seed 42), batched with left padding. Prompts for
-rec / reg / seg are drawn from our templates with a fixed seed; report uses the first caption prompt.
+Generation tasks (report, vqa_closed, vqa_open, rec, reg, seg, refseg) take an M3D-LaMed; a Med-2E3 runs
+report, vqa_closed, vqa_open (what it is trained for) and rec, reg (no SegVol module), with its own chat
+prompt and the question in BERT tokens steering the slice scores (the top slice is kept per sample);
+retrieval takes an M3D-CLIP. Decoding is greedy (256 new tokens, seed 42), batched with left padding.
+Prompts for rec / reg / seg are drawn from our templates with a fixed seed; report uses the first
+caption prompt.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from m3d_jax.eval import metrics
 GENERATION_TASKS = ("report", "vqa_closed", "vqa_open", "rec", "reg", "seg", "refseg")
 TASKS = ("retrieval", *GENERATION_TASKS)
 TEXT_TASKS = ("report", "vqa_open", "reg")  # scored by BLEU / ROUGE / METEOR / BERTScore
+MED2E3_TASKS = ("report", "vqa_closed", "vqa_open", "rec", "reg")
+MED2E3_DEFAULT_TASKS = ("report", "vqa_closed", "vqa_open")  # what Med-2E3 is trained for
 SOURCE_KIND = {"retrieval": "cap", "report": "cap", "vqa_closed": "vqa_closed", "vqa_open": "vqa_open",
                "rec": "rec", "reg": "reg", "seg": "seg", "refseg": "refseg"}
 
@@ -48,6 +53,48 @@ def _prepared(record: dict, image_size, window, with_mask: bool):
     return image, mask
 
 
+def is_med2e3(model) -> bool:
+    from m3d_jax.models.med2e3 import Med2E3
+
+    return isinstance(model, Med2E3)
+
+
+def image_size(model) -> tuple[int, int, int]:
+    """The volume size the model takes (D, H, W)."""
+    config = model.config
+    return tuple((config.vision3d.vision if is_med2e3(model) else config.vision).image_size)
+
+
+def med2e3_question_length(config) -> int:
+    """BERT tokens of a Med-2E3 question: the reference's 512, within the text encoder's positions
+    (padding does not change the pooled output; truncation at 512 is the reference's)."""
+    return min(512, config.vision3d.text.max_position_embeddings)
+
+
+def generate_med2e3_answers(model, tokenizers, questions: Sequence[str], images: np.ndarray,
+                            settings: BenchSettings) -> tuple[list[str], np.ndarray]:
+    """Greedy Med-2E3 answers (special tokens removed) and slice scores [B, slices] for one batch.
+    `tokenizers` is a `Med2E3Tokenizers` (the LLM's, and BERT's for the question)."""
+    from m3d_jax.data.clip_samples import text_ids
+    from m3d_jax.data.med2e3_samples import prompt_ids
+    from m3d_jax.generate import SamplingConfig, left_pad
+    from m3d_jax.models.med2e3 import generate_med2e3
+
+    config, llm = model.config, tokenizers.llm
+    pad = llm.pad_token_id if llm.pad_token_id is not None else llm.eos_token_id
+    prompts = [prompt_ids(llm, q, num_visual=config.num_visual_tokens, placeholder_id=config.image_token_id).ids
+               for q in questions]
+    ids, mask = left_pad(prompts, pad)
+    encoded = [text_ids(tokenizers.text, q, med2e3_question_length(config)) for q in questions]
+    question_ids, question_mask = np.stack([e[0] for e in encoded]), np.stack([e[1] for e in encoded])
+    sampling = SamplingConfig(max_new_tokens=settings.max_new_tokens, eos_token_ids=(llm.eos_token_id,),
+                              pad_token_id=pad, seed=settings.seed)
+    out = generate_med2e3(model, images, ids, question_ids, question_mask, attention_mask=mask, config=sampling)
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    texts = [llm.decode(tokens[row, : lengths[row]], skip_special_tokens=True).strip() for row in range(len(questions))]
+    return texts, np.asarray(out.slice_scores)
+
+
 def generate_answers(model, tokenizer, questions: Sequence[str], images: np.ndarray, settings: BenchSettings):
     """Greedy answers (text with special tokens removed) and SegVol logits (or None) for one batch."""
     from m3d_jax.data.prompts import prompt_ids
@@ -69,26 +116,37 @@ def generate_answers(model, tokenizer, questions: Sequence[str], images: np.ndar
 
 def run_generation_task(task: str, model, tokenizer, records: Sequence[dict], settings: BenchSettings,
                         embed: Callable | None = None) -> TaskResult:
-    """Answers every record of a LaMed task and scores the answers."""
+    """Answers every record of a generation task with a LaMed or a Med-2E3 (then `tokenizer` is its
+    `Med2E3Tokenizers`) and scores the answers."""
     from m3d_jax.data.pipeline import record_texts
     from m3d_jax.data.prompts import CAPTION_PROMPTS
 
     with_mask = task in ("rec", "reg", "seg", "refseg")
-    image_size = model.config.vision.image_size
+    med2e3 = is_med2e3(model)
+    if med2e3 and task not in MED2E3_TASKS:
+        raise ValueError(f"a Med-2E3 cannot run {task}; it runs {', '.join(MED2E3_TASKS)}")
+    size = image_size(model)
     samples: list[dict[str, Any]] = []
     for begin in range(0, len(records), settings.batch_size):
         chunk = list(records[begin:begin + settings.batch_size])
         rows = len(chunk)
         chunk += chunk[-1:] * (settings.batch_size - rows)  # one compiled shape; padding rows are dropped
-        prepared = [_prepared(r, image_size, settings.window, with_mask) for r in chunk]
+        prepared = [_prepared(r, size, settings.window, with_mask) for r in chunk]
         pairs = [record_texts(r, mask, np.random.default_rng([settings.seed, begin + i]))
                  for i, (r, (_, mask)) in enumerate(zip(chunk, prepared))]
         questions = [CAPTION_PROMPTS[0] if task == "report" else q for q, _ in pairs]
-        texts, seg_logits = generate_answers(model, tokenizer, questions, np.stack([p[0] for p in prepared]),
-                                             settings)
+        images = np.stack([p[0] for p in prepared])
+        if med2e3:
+            texts, scores = generate_med2e3_answers(model, tokenizer, questions, images, settings)
+            seg_logits = None
+        else:
+            texts, seg_logits = generate_answers(model, tokenizer, questions, images, settings)
         for row in range(rows):
             sample = {"image": chunk[row]["image"], "question": questions[row], "reference": pairs[row][1],
                       "output": texts[row]}
+            if med2e3:  # the slice of the model's input (depth index) that TG-IS weighted most
+                sample["top_slice"] = int(scores[row].argmax())
+                sample["top_slice_score"] = float(scores[row].max())
             if task == "vqa_closed":
                 sample["answer_choice"] = chunk[row]["choice"]
             if task in ("seg", "refseg"):

@@ -2,7 +2,9 @@
 
 Keys: `image` float32 [B,1,D,H,W], `input_ids` int [B,L], `logits` float32 [B,L,V] (required);
 `attention_mask` int [B,L], `seg_logits` float32 [B,1,D,H,W] (prompted by the `[SEG]` ids in
-`input_ids`), `generated_ids` int [B,T] (greedy continuation of `input_ids`) (optional).
+`input_ids`), `generated_ids` int [B,T] (greedy continuation of `input_ids`) (optional). A Med-2E3
+reference also requires `question_ids`, `question_mask` int [B,Lq] and may hold `slice_scores` [B,S]
+instead of `seg_logits`.
 """
 
 from __future__ import annotations
@@ -15,13 +17,22 @@ import numpy as np
 
 REQUIRED = {"image": 5, "input_ids": 2, "logits": 3}
 OPTIONAL = {"attention_mask": 2, "seg_logits": 5, "generated_ids": 2}
+# Per model kind: (required, optional) fields with their ranks.
+FIELDS = {
+    "lamed": (REQUIRED, OPTIONAL),
+    "med2e3": ({**REQUIRED, "question_ids": 2, "question_mask": 2},
+               {"attention_mask": 2, "slice_scores": 2, "generated_ids": 2}),
+}
 
 
 class ReferenceFileError(ValueError):
     """A reference file is missing, unreadable, or lacks / mis-shapes a field."""
 
 
-def load_reference(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def load_reference(path: str | os.PathLike, kind: str = "lamed") -> dict[str, np.ndarray]:
+    """The fields of a reference file for a `kind` ("lamed" or "med2e3") model, checked for presence,
+    rank and batch size."""
+    required, optional = FIELDS[kind]
     path = Path(path)
     if not path.is_file():
         raise ReferenceFileError(f"{path}: reference file not found")
@@ -30,17 +41,17 @@ def load_reference(path: str | os.PathLike) -> dict[str, np.ndarray]:
             arrays = {key: data[key] for key in data.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
         raise ReferenceFileError(f"{path}: not a readable .npz ({err})") from None
-    unknown = sorted(set(arrays) - set(REQUIRED) - set(OPTIONAL))
-    missing = sorted(set(REQUIRED) - set(arrays))
+    unknown = sorted(set(arrays) - set(required) - set(optional))
+    missing = sorted(set(required) - set(arrays))
     if missing or unknown:
-        raise ReferenceFileError(f"{path}: missing fields {missing}, unknown fields {unknown}")
-    for key, ndim in {**REQUIRED, **OPTIONAL}.items():
+        raise ReferenceFileError(f"{path}: a {kind} reference lacks fields {missing}, has unknown fields {unknown}")
+    for key, ndim in {**required, **optional}.items():
         if key in arrays and arrays[key].ndim != ndim:
             raise ReferenceFileError(f"{path}: field {key} has shape {arrays[key].shape}, expected {ndim} dimensions")
     batch, length = arrays["input_ids"].shape
-    if arrays["logits"].shape[:2] != (batch, length) or arrays["image"].shape[0] != batch:
-        raise ReferenceFileError(f"{path}: logits {arrays['logits'].shape} / image {arrays['image'].shape} do not "
-                             f"match input_ids {arrays['input_ids'].shape}")
+    if arrays["logits"].shape[:2] != (batch, length) or {value.shape[0] for value in arrays.values()} != {batch}:
+        raise ReferenceFileError(f"{path}: fields disagree on the batch / length of input_ids {(batch, length)}: "
+                                 + ", ".join(f"{k} {v.shape}" for k, v in arrays.items()))
     return arrays
 
 
