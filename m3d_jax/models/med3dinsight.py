@@ -1,0 +1,89 @@
+"""Med3DInsight pretraining: a 3D backbone (nnFormer) whose bottleneck tokens, read by the plane-slice-aware
+transformer for one 2D slice, should agree with what a frozen 2D model says about that slice.
+
+  volume [B, 1, 128³] → nnFormer → neck [B, 4, 4, 4, 768] → 64 tokens (s, h, w row-major)
+                                  → reconstruction [B, 1, 128³]
+  PSAT(tokens, plane, slice) → slice-aware volume embedding [B, 512]
+  loss = OT(embedding, slice image embedding) + OT(embedding, slice text embedding) + MSE(reconstruction, volume)
+
+OT is the entropic partial Wasserstein alignment (`m3d_jax.losses.partial_ot`) with the learnable metric `L`
+[512, 512] (only its diagonal enters the cost by default, as the reference). The 2D embeddings are inputs
+(precomputed by the frozen 2D encoder) and get no gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+from flax import nnx
+
+from m3d_jax.config import dataclass_from_mapping
+from m3d_jax.layers import param
+from m3d_jax.losses.partial_ot import partial_ot_alignment_loss
+from m3d_jax.models.nnformer import NnFormer, NnFormerConfig
+from m3d_jax.models.psat import Psat, PsatConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Med3DInsightConfig:
+    backbone: NnFormerConfig = NnFormerConfig()
+    psat: PsatConfig = PsatConfig()
+    ot_reg: float = 0.03
+    ot_mass: float = 0.95
+    ot_iterations: int = 1000
+    full_metric: bool = False  # False: diag(L) only (reference); True: M = L·Lᵀ, a proper Mahalanobis metric
+
+    def __post_init__(self):
+        if self.psat.hidden_size != self.backbone.stage_dims[-1]:
+            raise ValueError(f"PSAT width {self.psat.hidden_size} must equal the bottleneck width "
+                             f"{self.backbone.stage_dims[-1]}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Med3DInsightConfig:
+        values = dict(values)
+        values["backbone"] = NnFormerConfig.from_dict(values.get("backbone", {}))
+        values["psat"] = PsatConfig(**values.get("psat", {}))
+        return dataclass_from_mapping(cls, values)
+
+
+def _metric_init(key, shape, dtype):
+    """0.5 (A + Aᵀ) + I with A ~ U[0, 1): the reference's symmetric start, diagonal in [1, 2)."""
+    a = jax.random.uniform(key, shape, dtype)
+    return 0.5 * (a + a.T) + jnp.eye(shape[0], dtype=dtype)
+
+
+class Med3DInsightOutput(NamedTuple):
+    embedding: jax.Array  # [B, out_dim]: PSAT query 0, projected
+    reconstruction: jax.Array  # [B, 1, D, H, W]
+
+
+class Med3DInsight(nnx.Module):
+    def __init__(self, config: Med3DInsightConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.backbone = NnFormer(config.backbone, rngs=rngs)
+        self.psat = Psat(config.psat, rngs=rngs)
+        self.L = param(rngs, _metric_init, (config.psat.out_dim,) * 2, jnp.float32, (None, None))
+
+    def __call__(self, volumes: jax.Array, plane: jax.Array, slice_index: jax.Array,
+                 rngs: nnx.Rngs | None = None) -> Med3DInsightOutput:
+        out = self.backbone(volumes, rngs)
+        tokens = rearrange(out.neck, "b d h w c -> b (d h w) c")  # [B, 64, 768]
+        return Med3DInsightOutput(self.psat(tokens, plane, slice_index, rngs), out.reconstruction)
+
+
+def med3dinsight_loss(model: Med3DInsight, batch: Mapping[str, jax.Array], rngs: nnx.Rngs | None = None):
+    """OT(3D, slice image) + OT(3D, slice text) + MSE reconstruction. Returns (loss, metrics)."""
+    config = model.config
+    out = model(batch["images"], batch["plane"], batch["slice_index"], rngs)
+    metric = model.L[...]
+    ot = dict(reg=config.ot_reg, m=config.ot_mass, num_iter_max=config.ot_iterations, full=config.full_metric)
+    image_ot = partial_ot_alignment_loss(out.embedding, jax.lax.stop_gradient(batch["image_embedding"]), metric, **ot)
+    text_ot = partial_ot_alignment_loss(out.embedding, jax.lax.stop_gradient(batch["text_embedding"]), metric, **ot)
+    reconstruction = jnp.mean(jnp.square(out.reconstruction.astype(jnp.float32) - batch["images"]))
+    loss = image_ot + text_ot + reconstruction
+    return loss, {"loss": loss, "ot_image": image_ot, "ot_text": text_ot, "reconstruction_mse": reconstruction}
