@@ -153,6 +153,11 @@ class Rule:
         return "{layer}" in self.torch
 
 
+def norm_rules(torch_name: str, jax_name: str) -> list[Rule]:
+    """A torch LayerNorm's weight / bias ↔ the JAX norm's scale / bias."""
+    return [Rule(f"{torch_name}.weight", f"{jax_name}.scale"), Rule(f"{torch_name}.bias", f"{jax_name}.bias")]
+
+
 @dataclasses.dataclass(frozen=True)
 class Entry:
     """One concrete torch tensor of a key map expanded against a model."""

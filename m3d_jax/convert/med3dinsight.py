@@ -4,12 +4,8 @@ split into the q, k, v projections."""
 
 from __future__ import annotations
 
-from m3d_jax.convert.keymap import LINEAR, FusedBias, FusedLinear, KeyMap, Linear, Rule
+from m3d_jax.convert.keymap import LINEAR, FusedBias, FusedLinear, KeyMap, Linear, Rule, norm_rules
 from m3d_jax.models.psat import PsatConfig
-
-
-def _norm(torch_name: str, jax_name: str) -> list[Rule]:
-    return [Rule(f"{torch_name}.weight", f"{jax_name}.scale"), Rule(f"{torch_name}.bias", f"{jax_name}.bias")]
 
 
 def psat_keymap(config: PsatConfig) -> KeyMap:
@@ -17,7 +13,7 @@ def psat_keymap(config: PsatConfig) -> KeyMap:
     layer = "psat.decoder.layers.{layer}."
     rules = [Rule("psat.ps_pos", "ps_pos"), Rule("queries.weight", "queries"),
              Rule("proj.weight", "proj.kernel", LINEAR), Rule("proj.bias", "proj.bias"),
-             *_norm("psat.decoder.norm", "norm")]
+             *norm_rules("psat.decoder.norm", "norm")]
     for name in ("self_attn", "cross_attn"):
         qkv = tuple(f"layers.{name}.{p}" for p in ("query", "key", "value"))
         rules += [Rule(f"{layer}{name}.in_proj_weight", tuple(f"{p}.kernel" for p in qkv), FusedLinear()),
@@ -25,7 +21,7 @@ def psat_keymap(config: PsatConfig) -> KeyMap:
                   Rule(f"{layer}{name}.out_proj.weight", f"layers.{name}.out.kernel", Linear(n_in=2)),
                   Rule(f"{layer}{name}.out_proj.bias", f"layers.{name}.out.bias")]
     for index in (1, 2, 3):
-        rules += _norm(f"{layer}norm{index}", f"layers.norm{index}")
+        rules += norm_rules(f"{layer}norm{index}", f"layers.norm{index}")
     for index in (1, 2):
         rules += [Rule(f"{layer}linear{index}.weight", f"layers.linear{index}.kernel", LINEAR),
                   Rule(f"{layer}linear{index}.bias", f"layers.linear{index}.bias")]

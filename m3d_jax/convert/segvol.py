@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from m3d_jax.convert.keymap import IDENTITY, LINEAR, KeyMap, Linear, Reshape, Rule
+from m3d_jax.convert.keymap import IDENTITY, LINEAR, KeyMap, Linear, Reshape, Rule, norm_rules
 from m3d_jax.convert.vit3d import vit3d_keymap
 from m3d_jax.models.segvol import SegVolConfig
 
@@ -23,10 +23,6 @@ def _dense(torch: str, jax: str) -> list[Rule]:
     return [Rule(f"{torch}.weight", f"{jax}.kernel", LINEAR), Rule(f"{torch}.bias", f"{jax}.bias")]
 
 
-def _norm(torch: str, jax: str) -> list[Rule]:
-    return [Rule(f"{torch}.weight", f"{jax}.scale"), Rule(f"{torch}.bias", f"{jax}.bias")]
-
-
 def two_way_transformer_keymap(depth: int) -> KeyMap:
     """segment_anything's TwoWayTransformer state dict ↔ `segvol.TwoWayTransformer`."""
     rules = []
@@ -36,9 +32,9 @@ def two_way_transformer_keymap(depth: int) -> KeyMap:
             rules += attention_rules(f"{t}.{name}", f"{j}.{name}")
         rules += _dense(f"{t}.mlp.lin1", f"{j}.mlp.linear1") + _dense(f"{t}.mlp.lin2", f"{j}.mlp.linear2")
         for n in range(1, 5):
-            rules += _norm(f"{t}.norm{n}", f"{j}.norm{n}")
+            rules += norm_rules(f"{t}.norm{n}", f"{j}.norm{n}")
     rules += attention_rules("final_attn_token_to_image", "final_attn_token_to_image")
-    rules += _norm("norm_final_attn", "norm_final_attn")
+    rules += norm_rules("norm_final_attn", "norm_final_attn")
     return KeyMap("two_way_transformer", tuple(rules))
 
 
@@ -59,7 +55,7 @@ def segvol_keymap(config: SegVolConfig, prefix: str = "model.seg_module.") -> Ke
         Rule(f"{md}.mask_tokens.weight", f"{md}.mask_tokens"),
         Rule(f"{md}.output_upscaling.0.weight", f"{md}.upscale1.kernel", IDENTITY),
         Rule(f"{md}.output_upscaling.0.bias", f"{md}.upscale1.bias"),
-        *_norm(f"{md}.output_upscaling.1", f"{md}.upscale_norm"),
+        *norm_rules(f"{md}.output_upscaling.1", f"{md}.upscale_norm"),
         Rule(f"{md}.output_upscaling.3.weight", f"{md}.upscale2.kernel", IDENTITY),
         Rule(f"{md}.output_upscaling.3.bias", f"{md}.upscale2.bias"),
         *[r for i in range(config.num_mask_tokens) for k in range(3)

@@ -15,7 +15,7 @@ from flax import nnx
 
 from m3d_jax.convert.keymap import (
     IDENTITY, LINEAR, ConversionReport, FusedBias, FusedLinear, KeyMap, Linear, Reshape, Rule, Shape, Transform,
-    load_model, write_state,
+    load_model, norm_rules, write_state,
 )
 from m3d_jax.models.slice_encoder import SiglipVision, SiglipVisionConfig
 
@@ -39,10 +39,6 @@ class PatchConv(Transform):
         return np.ascontiguousarray(arrays[0].transpose(3, 2, 0, 1))
 
 
-def _norm(torch_name: str, jax_name: str) -> list[Rule]:
-    return [Rule(f"{torch_name}.weight", f"{jax_name}.scale"), Rule(f"{torch_name}.bias", f"{jax_name}.bias")]
-
-
 def _mlp(torch_name: str, jax_name: str) -> list[Rule]:
     return [
         Rule(f"{torch_name}.fc1.weight", f"{jax_name}.linear1.kernel", LINEAR),
@@ -59,7 +55,7 @@ def siglip_vision_keymap(config: SiglipVisionConfig, prefix: str = "vision_model
         Rule("embeddings.patch_embedding.weight", "embeddings.patch_embedding.kernel", PatchConv()),
         Rule("embeddings.patch_embedding.bias", "embeddings.patch_embedding.bias"),
         Rule("embeddings.position_embedding.weight", "embeddings.position_embedding"),
-        *_norm(f"{layer}layer_norm1", "layers.layer_norm1"),
+        *norm_rules(f"{layer}layer_norm1", "layers.layer_norm1"),
     ]
     for name in ("q_proj", "k_proj", "v_proj"):
         rules += [Rule(f"{layer}self_attn.{name}.weight", f"layers.self_attn.{name}.kernel", LINEAR),
@@ -67,9 +63,9 @@ def siglip_vision_keymap(config: SiglipVisionConfig, prefix: str = "vision_model
     rules += [
         Rule(f"{layer}self_attn.out_proj.weight", "layers.self_attn.out_proj.kernel", Linear(n_in=2)),
         Rule(f"{layer}self_attn.out_proj.bias", "layers.self_attn.out_proj.bias"),
-        *_norm(f"{layer}layer_norm2", "layers.layer_norm2"),
+        *norm_rules(f"{layer}layer_norm2", "layers.layer_norm2"),
         *_mlp(f"{layer}mlp", "layers.mlp"),
-        *_norm("post_layernorm", "post_layernorm"),
+        *norm_rules("post_layernorm", "post_layernorm"),
     ]
     if config.use_head:
         # torch MultiheadAttention packs q, k, v into one in_proj (rows q, k, v); the module keeps them apart
@@ -81,7 +77,7 @@ def siglip_vision_keymap(config: SiglipVisionConfig, prefix: str = "vision_model
             Rule("head.attention.in_proj_bias", tuple(f"{p}.bias" for p in head_qkv), FusedBias()),
             Rule("head.attention.out_proj.weight", "head.attention.out_proj.kernel", Linear(n_in=2)),
             Rule("head.attention.out_proj.bias", "head.attention.out_proj.bias", IDENTITY),
-            *_norm("head.layernorm", "head.layernorm"),
+            *norm_rules("head.layernorm", "head.layernorm"),
             *_mlp("head.mlp", "head.mlp"),
         ]
     return KeyMap("siglip_vision", tuple(rules), prefix=prefix, ignored=SIGLIP_EXTRAS)
