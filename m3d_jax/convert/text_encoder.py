@@ -6,7 +6,7 @@ import os
 
 from flax import nnx
 
-from m3d_jax.convert.keymap import IDENTITY, LINEAR, ConversionReport, KeyMap, Linear, Reshape, Rule, load_model
+from m3d_jax.convert.keymap import LINEAR, ConversionReport, KeyMap, Linear, Reshape, Rule, load_model, norm_rules
 from m3d_jax.models.text_encoder import Bert, BertConfig
 
 BERT_EXTRAS = (
@@ -21,8 +21,7 @@ def bert_keymap(config: BertConfig, prefix: str = "") -> KeyMap:
         Rule("embeddings.word_embeddings.weight", "embeddings.word"),
         Rule("embeddings.position_embeddings.weight", "embeddings.position"),
         Rule("embeddings.token_type_embeddings.weight", "embeddings.token_type"),
-        Rule("embeddings.LayerNorm.weight", "embeddings.norm.scale"),
-        Rule("embeddings.LayerNorm.bias", "embeddings.norm.bias"),
+        *norm_rules("embeddings.LayerNorm", "embeddings.norm"),
     ]
     for name in ("query", "key", "value"):
         rules += [Rule(f"{layer}attention.self.{name}.weight", f"layers.{name}.kernel", LINEAR),
@@ -30,14 +29,12 @@ def bert_keymap(config: BertConfig, prefix: str = "") -> KeyMap:
     rules += [
         Rule(f"{layer}attention.output.dense.weight", "layers.attn_out.kernel", Linear(n_in=2)),
         Rule(f"{layer}attention.output.dense.bias", "layers.attn_out.bias"),
-        Rule(f"{layer}attention.output.LayerNorm.weight", "layers.norm1.scale"),
-        Rule(f"{layer}attention.output.LayerNorm.bias", "layers.norm1.bias"),
+        *norm_rules(f"{layer}attention.output.LayerNorm", "layers.norm1"),
         Rule(f"{layer}intermediate.dense.weight", "layers.mlp.linear1.kernel", LINEAR),
         Rule(f"{layer}intermediate.dense.bias", "layers.mlp.linear1.bias"),
         Rule(f"{layer}output.dense.weight", "layers.mlp.linear2.kernel", LINEAR),
         Rule(f"{layer}output.dense.bias", "layers.mlp.linear2.bias"),
-        Rule(f"{layer}output.LayerNorm.weight", "layers.norm2.scale"),
-        Rule(f"{layer}output.LayerNorm.bias", "layers.norm2.bias", IDENTITY),
+        *norm_rules(f"{layer}output.LayerNorm", "layers.norm2"),
     ]
     if config.pooler:
         rules += [Rule("pooler.dense.weight", "pooler.kernel", LINEAR), Rule("pooler.dense.bias", "pooler.bias")]
