@@ -24,15 +24,22 @@ def make_monai_vit(config: ViT3DConfig, seed: int = 0) -> torch.nn.Module:
         num_heads=config.num_heads, proj_type="perceptron", classification=config.cls_token,
         qkv_bias=config.qkv_bias,
     ).eval()
+    randomize_norms_and_biases(model)
     with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "norm" in name:
-                parameter.copy_(torch.randn_like(parameter) * 0.1 + (1.0 if name.endswith("weight") else 0.0))
-            elif name.endswith("bias"):
-                parameter.copy_(torch.randn_like(parameter) * 0.02)
         if config.cls_token:
             model.cls_token.normal_()
     return model
+
+
+@torch.no_grad()
+def randomize_norms_and_biases(model: torch.nn.Module) -> None:
+    """Norm weights ≈ 1 ± 0.1, norm biases ± 0.1 and other biases ± 0.02 (MONAI starts them at 1 / 0, which
+    would hide layout mistakes)."""
+    for name, parameter in model.named_parameters():
+        if "norm" in name:
+            parameter.copy_(torch.randn_like(parameter) * 0.1 + (1.0 if name.endswith("weight") else 0.0))
+        elif name.endswith("bias"):
+            parameter.copy_(torch.randn_like(parameter) * 0.02)
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ import pytest
 import torch
 from flax import nnx
 
+from m3d_jax.convert.keymap import Conv3dKernel, ConvTranspose3dKernel
 from m3d_jax.models.nnformer import (
     Conv3d,
     ConvTranspose3d,
@@ -170,11 +171,11 @@ def test_shifted_window_attention_matches_dense_masked_attention(rng):
     np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_convolutions_match_torch(rng):
+def test_convolutions_match_torch_with_the_converter_layouts(rng):
     x = rng.standard_normal((2, 5, 6, 4, 3)).astype(np.float32)  # [B, D, H, W, C]
     conv = Conv3d(3, 7, kernel=3, stride=2, padding=1, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
     conv.bias[...] = jnp.asarray(rng.standard_normal(7), jnp.float32)
-    weight = torch.from_numpy(np.asarray(conv.kernel[...]).transpose(4, 3, 0, 1, 2).copy())  # → (O, I, k, k, k)
+    weight = torch.from_numpy(Conv3dKernel().to_torch([np.asarray(conv.kernel[...])]))  # → (O, I, k, k, k)
     expected = torch.nn.functional.conv3d(torch.from_numpy(x.transpose(0, 4, 1, 2, 3)), weight,
                                           torch.from_numpy(np.array(conv.bias[...])), stride=2, padding=1)
     np.testing.assert_allclose(np.asarray(conv(jnp.asarray(x))), expected.numpy().transpose(0, 2, 3, 4, 1),
@@ -182,7 +183,7 @@ def test_convolutions_match_torch(rng):
     for size in (2, 4):
         up = ConvTranspose3d(3, 5, kernel=size, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(size))
         up.bias[...] = jnp.asarray(rng.standard_normal(5), jnp.float32)
-        weight = torch.from_numpy(np.asarray(up.kernel[...]).transpose(3, 4, 0, 1, 2).copy())  # → (I, O, k, k, k)
+        weight = torch.from_numpy(ConvTranspose3dKernel().to_torch([np.asarray(up.kernel[...])]))  # → (I, O, k, k, k)
         expected = torch.nn.functional.conv_transpose3d(
             torch.from_numpy(x.transpose(0, 4, 1, 2, 3)), weight, torch.from_numpy(np.array(up.bias[...])),
             stride=size)

@@ -7,7 +7,11 @@ The kind is detected from SRC/config.json: lamed_phi3, lamed_llama (M3D-LaMed), 
 BERT + projections + logit_scale), phi3, llama (plain transformers LLMs), bert (a BertModel), a Med-2E3
 (a MedMLLMConfig with a nested llm_config in config.json or args/config.json, beside the part folders
 llm/, vision2d_model/, vision2d_connector/, vision3d_model/, vision3d_connector/), or, without a
-config.json, a bare M3D-CLIP vision checkpoint (pretrained_ViT.bin).
+config.json, a bare M3D-CLIP vision checkpoint (pretrained_ViT.bin) or a Med3DInsight pretraining state
+dict (a .pth file, e.g. latest_model_biomedclip_huatuo.pth; its sizes are read from the tensor shapes,
+the crop size is taken as 128³ and the PSAT head count as 8, which the shapes do not record — edit the
+written config.json for others). jax2torch writes a Med3DInsight back as DST itself when DST ends in
+.pth/.safetensors, else as DST/model.pth, with the recomputed relative_position_index buffers.
 Tensors stream one at a time (peak memory ≈ the largest tensor), so a 16 GB checkpoint converts on a
 24 GB machine. torch2jax writes safetensors keyed by JAX parameter paths plus config.json; jax2torch
 writes the released layout (config.json + sharded safetensors + index) that the PyTorch code loads

@@ -31,7 +31,7 @@ from m3d_jax.convert.torch_io import CheckpointReadError, CheckpointReader, Tens
 
 KIND_KEY = "m3d_jax_kind"
 _KIND_OF_CLASS = {"Lamed": "lamed", "Decoder": "decoder", "ViT3D": "vit3d", "M3DClip": "clip", "Bert": "bert",
-                  "Med2E3": "med2e3"}
+                  "Med2E3": "med2e3", "Med3DInsight": "med3dinsight"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +57,7 @@ def _kinds() -> dict[str, ModelKind]:
     from m3d_jax.models.decoder import Decoder, DecoderConfig
     from m3d_jax.models.lamed import Lamed, LamedConfig
     from m3d_jax.models.med2e3 import Med2E3, Med2E3Config
+    from m3d_jax.models.med3dinsight import Med3DInsight, Med3DInsightConfig
     from m3d_jax.models.text_encoder import Bert, BertConfig
     from m3d_jax.models.vit3d import ViT3D, ViT3DConfig
 
@@ -75,6 +76,10 @@ def _kinds() -> dict[str, ModelKind]:
         "med2e3": ModelKind("med2e3", Med2E3Config.from_hf, Med2E3Config.to_hf,
                             lambda c: Med2E3(c, rngs=nnx.Rngs(0)), None, _load_released_med2e3,
                             _export_released_med2e3),
+        "med3dinsight": ModelKind("med3dinsight", lambda hf: Med3DInsightConfig.from_dict(hf["med3dinsight"]),
+                                  lambda c: {"med3dinsight": dataclasses.asdict(c)},
+                                  lambda c: Med3DInsight(c, rngs=nnx.Rngs(0)), None, _load_released_med3dinsight,
+                                  _export_released_med3dinsight),
     }
 
 
@@ -91,6 +96,23 @@ def _export_released_med2e3(model: nnx.Module, folder: str | os.PathLike, dtype)
 
     export_med2e3(model, folder, dtype=dtype)
     return sum(len(CheckpointReader(Path(folder) / part).keys()) for part in PARTS)
+
+
+def _load_released_med3dinsight(path: str | os.PathLike) -> tuple[nnx.Module, ConversionReport]:
+    from m3d_jax.convert.med3dinsight import config_from_checkpoint, load_med3dinsight
+
+    return load_med3dinsight(path, config_from_checkpoint(CheckpointReader(path)))
+
+
+def _export_released_med3dinsight(model: nnx.Module, dst: str | os.PathLike, dtype) -> int:
+    """`dst` ending in .pth / .bin / .safetensors is the file; otherwise a folder that gets `model.pth`."""
+    from m3d_jax.convert.med3dinsight import export_med3dinsight, torch_state_dict
+
+    if dtype is not None:
+        raise ValueError("Med3DInsight checkpoints are exported in float32, as the reference saves them")
+    dst = Path(dst)
+    export_med3dinsight(model, dst if dst.suffix in (".pth", ".bin", ".safetensors") else dst / "model.pth")
+    return len(torch_state_dict(model))
 
 
 def _released_med2e3_config(folder: Path) -> dict | None:
@@ -133,6 +155,10 @@ def detect(folder: str | os.PathLike) -> tuple[ModelKind, Any]:
         return kinds[name], kinds[name].config_from_hf(hf)
     reader = CheckpointReader(folder)
     keys = set(reader.keys())
+    if "psat.ps_pos" in keys:
+        from m3d_jax.convert.med3dinsight import config_from_checkpoint
+
+        return kinds["med3dinsight"], config_from_checkpoint(reader)
     if "patch_embedding.patch_embeddings.1.weight" in keys:
         from m3d_jax.models.vit3d import ViT3DConfig
 
@@ -145,7 +171,7 @@ def detect(folder: str | os.PathLike) -> tuple[ModelKind, Any]:
             raise CheckpointReadError(f"{folder}: a bare ViT checkpoint with {pos[1]} patches does not match the "
                                       f"default image/patch size; write a config.json with the sizes")
         return kinds["vit3d"], config
-    raise CheckpointReadError(f"{folder}: no config.json and not a bare 3D ViT checkpoint; cannot tell the kind")
+    raise CheckpointReadError(f"{folder}: no config.json and not a bare 3D ViT or Med3DInsight checkpoint; cannot tell the kind")
 
 
 def _abstract_state(kind: ModelKind, config) -> nnx.State:

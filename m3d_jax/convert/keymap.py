@@ -138,6 +138,35 @@ class FusedBias(Transform):
         return np.concatenate([array.reshape(-1) for array in arrays])
 
 
+class Conv3dKernel(Transform):
+    """torch Conv3d weight (O, I, k, k, k) ↔ JAX kernel (k, k, k, I, O)."""
+
+    def torch_shape(self, jax_shapes: Sequence[Shape]) -> Shape:
+        ((*kernel, fan_in, fan_out),) = jax_shapes
+        return (fan_out, fan_in, *kernel)
+
+    def to_jax(self, tensor: np.ndarray, jax_shapes: Sequence[Shape]) -> list[np.ndarray]:
+        return [np.ascontiguousarray(tensor.transpose(2, 3, 4, 1, 0))]
+
+    def to_torch(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        return np.ascontiguousarray(arrays[0].transpose(4, 3, 0, 1, 2))
+
+
+class ConvTranspose3dKernel(Transform):
+    """torch ConvTranspose3d weight (I, O, k, k, k) ↔ JAX kernel (k, k, k, I, O) (stride = kernel: no overlap,
+    so no kernel flip)."""
+
+    def torch_shape(self, jax_shapes: Sequence[Shape]) -> Shape:
+        ((*kernel, fan_in, fan_out),) = jax_shapes
+        return (fan_in, fan_out, *kernel)
+
+    def to_jax(self, tensor: np.ndarray, jax_shapes: Sequence[Shape]) -> list[np.ndarray]:
+        return [np.ascontiguousarray(tensor.transpose(2, 3, 4, 0, 1))]
+
+    def to_torch(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        return np.ascontiguousarray(arrays[0].transpose(3, 4, 0, 1, 2))
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     torch: str  # e.g. "blocks.{layer}.attn.qkv.weight"

@@ -1,7 +1,9 @@
 """A deterministic synthetic data set in the M3D-Data layouts: NIfTI volumes of a body ellipsoid with
 1–3 ellipsoid lesions of varied size, position and brightness, their masks, reports that describe them,
 closed and open VQA about them (answerable from the image), Decathlon-style segmentation lists and
-referring-segmentation rows. It is the embedded default for tests and the demo."""
+referring-segmentation rows; for Med3DInsight, cached "2D encoder" embeddings of slices in the three
+planes (`slices.json`), a three-class label map (background, body, lesion; `labels.json`) and the lesion
+count as a class (`classes.json`). It is the embedded default for tests and the demo."""
 
 from __future__ import annotations
 
@@ -79,8 +81,43 @@ def _closed_question(rng, question, answer, options, qtype):
     return dict(zip(VQA_COLUMNS, ("", "", qtype, question, *choices, answer, letter)))
 
 
+PHANTOM_EMBEDDING_DIM = 64
+SLICES_PER_PLANE = 8
+
+
+def slice_embeddings(case: dict, projections: np.ndarray, rng: np.random.Generator,
+                     per_plane: int = SLICES_PER_PLANE) -> dict[str, np.ndarray]:
+    """Stand-ins for a frozen 2D CLIP's embeddings of `per_plane` evenly spaced slices per plane: the
+    "image" embedding is a fixed random map of the slice's pixels (pooled to 8×8); the "text" one a fixed
+    random map of what a caption would state (lesion area on each side, the brightest lesion level),
+    plus noise, as generated text is. Positions are on the 256-slot grid (`SLICE_GRID`)."""
+    from m3d_jax.data.insight_samples import SLICE_GRID
+
+    volume = case["volume"]
+    lesion_maps = {side: np.zeros(volume.shape, bool) for side in SIDES}
+    brightness = np.zeros(volume.shape, np.float32)
+    for lesion in case["lesions"]:
+        lesion_maps[lesion["side"]] |= lesion["mask"]
+        brightness[lesion["mask"]] = lesion["brightness"]
+    rows = {"plane": [], "slice": [], "image_embedding": [], "text_embedding": []}
+    for plane in range(3):
+        length = volume.shape[plane]
+        for position in np.linspace(0, length - 1, per_plane).round().astype(int):
+            picture = np.take(volume, position, axis=plane)
+            pooled = picture.reshape(8, picture.shape[0] // 8, 8, picture.shape[1] // 8).mean(axis=(1, 3))
+            facts = [np.take(lesion_maps[side], position, axis=plane).mean() * 20 for side in SIDES]
+            facts.append(np.take(brightness, position, axis=plane).max())
+            rows["plane"].append(plane)
+            rows["slice"].append(int((position + 0.5) * SLICE_GRID / length))
+            rows["image_embedding"].append(pooled.reshape(-1) @ projections[0])
+            rows["text_embedding"].append(np.asarray(facts) @ projections[1][: len(facts)]
+                                          + rng.normal(0, 0.05, projections.shape[-1]))
+    return {name: np.asarray(values, np.float32 if "embedding" in name else np.int64) for name, values in rows.items()}
+
+
 def write_phantoms(root: str | Path, *, num_cases: int = 24, seed: int = 0, shape=(32, 64, 64)) -> Path:
-    """Writes the phantom set under `root` (Cap JSON, VQA CSVs, Seg Decathlon JSON, RefSeg CSV)."""
+    """Writes the phantom set under `root` (Cap JSON, VQA CSVs, Seg Decathlon JSON, RefSeg CSV, and
+    Med3DInsight's slice embeddings, label maps and class list)."""
     import nibabel as nib
 
     root = Path(root)
@@ -89,6 +126,12 @@ def write_phantoms(root: str | Path, *, num_cases: int = 24, seed: int = 0, shap
     vqa_rows = {name: [] for name in splits}
     seg_items = {"training": [], "test": []}
     refseg_rows = []
+    slice_lists = {name: [] for name in splits}
+    label_items = {"training": [], "test": []}
+    class_items = {"training": [], "test": []}
+    # Separate RNGs, so the cases and texts are the same as without the slice embeddings.
+    projections = np.random.default_rng(seed + 1).normal(0, 1, (2, 64, PHANTOM_EMBEDDING_DIM)).astype(np.float32)
+    caption_noise = np.random.default_rng(seed + 2)
     affine = np.diag([1.0, 1.0, 2.0, 1.0])
     for index in range(num_cases):
         split = "train" if index < num_cases * 0.7 else "validation" if index < num_cases * 0.85 else "test"
@@ -116,10 +159,15 @@ def write_phantoms(root: str | Path, *, num_cases: int = 24, seed: int = 0, shap
             vqa_rows[split].append(row)
         seg_split = "test" if split == "test" else "training"
         seg_items[seg_split].append({"image": image, "label": f"cases/case_{index:04d}/lesion_mask.nii.gz"})
+        labels = np.where(union > 0, 2, (case["volume"] > 0.1).astype(np.uint8)).astype(np.uint8)
+        nib.save(nib.Nifti1Image(labels.transpose(2, 1, 0), affine), folder / "labels.nii.gz")
+        label_items[seg_split].append({"image": image, "label": f"cases/case_{index:04d}/labels.nii.gz"})
+        class_items[seg_split].append({"image": image, "label": count - 1})
+        np.savez(folder / "slices.npz", **slice_embeddings(case, projections, caption_noise))
+        slice_lists[split].append({"image": image, "slices": f"cases/case_{index:04d}/slices.npz"})
         refseg_rows.append({"Image": image, "Mask": f"cases/case_{index:04d}/lesion_mask.nii.gz", "Mask_ID": 1,
                             "Question_Type": 0, "Question": "Please segment every lesion in this scan.",
                             "Answer": "The lesions are at [SEG]."})
-    (root / "cap.json").write_text(json.dumps(splits, indent=1))
     for split, rows in vqa_rows.items():
         with open(root / f"vqa_{split}.csv", "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=VQA_COLUMNS)
@@ -130,6 +178,13 @@ def write_phantoms(root: str | Path, *, num_cases: int = 24, seed: int = 0, shap
         writer = csv.DictWriter(handle, fieldnames=list(refseg_rows[0]))
         writer.writeheader()
         writer.writerows(refseg_rows)
+    (root / "slices.json").write_text(json.dumps(slice_lists, indent=1))
+    (root / "labels.json").write_text(json.dumps(
+        {"labels": {"0": "background", "1": "body", "2": "lesion"}, **label_items}, indent=1))
+    (root / "classes.json").write_text(json.dumps(
+        {"labels": {str(n - 1): f"{COUNT_WORDS[n]} lesion{'s' * (n > 1)}" for n in COUNT_WORDS}, **class_items},
+        indent=1))
+    (root / "cap.json").write_text(json.dumps(splits, indent=1))  # written last: marks a complete set
     return root
 
 

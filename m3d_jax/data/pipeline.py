@@ -250,12 +250,14 @@ def to_global_arrays(batch: dict[str, np.ndarray], mesh) -> dict:
 
 
 SOURCES = {"cap": "CaptionSource", "vqa_closed": "VQASource", "vqa_open": "VQASource", "seg": "SegSource",
-           "rec": "SegSource", "reg": "SegSource", "refseg": "RefSegSource"}
+           "rec": "SegSource", "reg": "SegSource", "refseg": "RefSegSource", "slices": "SliceEmbeddingSource",
+           "label_map": "LabelMapSource", "class_label": "ClassLabelSource"}
 
 
 def build_source(entry, root: str | None = None) -> object:
-    """A source from a config entry: kind (cap, vqa_closed, vqa_open, seg, rec, reg, refseg), path
-    (relative paths are joined to `root`), split."""
+    """A source from a config entry: kind (cap, vqa_closed, vqa_open, seg, rec, reg, refseg; slices for
+    Med3DInsight; label_map and class_label for fine-tuning), path (relative paths are joined to `root`),
+    split."""
     from m3d_jax.data import sources
 
     kind, split = entry["kind"], entry.get("split", "")
@@ -268,6 +270,10 @@ def build_source(entry, root: str | None = None) -> object:
         return sources.VQASource(path, closed=kind == "vqa_closed")
     if kind in ("seg", "rec", "reg"):
         return sources.SegSource(path, split or "training", task=kind)
+    if kind == "slices":
+        return sources.SliceEmbeddingSource(path, split or "train")
+    if kind in ("label_map", "class_label"):
+        return getattr(sources, SOURCES[kind])(path, split or "training")
     return sources.RefSegSource(path)
 
 

@@ -158,3 +158,81 @@ class RefSegSource(_ListSource):
                             "mask": _resolve(root, row["Mask"].strip(), where), "mask_value": value,
                             "question": row["Question"].strip(), "answer": row["Answer"].strip()})
         super().__init__(records, str(csv_path))
+
+
+SLICE_ARRAYS = ("plane", "slice", "image_embedding", "text_embedding")
+
+
+class SliceEmbeddingSource(_ListSource):
+    """Med3DInsight's slice records: JSON {"train"|...: [{"image": volume, "slices": .npz}]}, one record per
+    row of each volume's .npz (plane int [N]: 0 Axial, 1 Coronal, 2 Sagittal; slice int [N] on the
+    reference's 256-position grid; image_embedding and text_embedding float [N, E], cached from the frozen
+    2D encoder by tools/slice_embeddings.py). The .npz files are checked here and read row by row later."""
+
+    def __init__(self, list_path: str | os.PathLike, split: str = "train", root: str | os.PathLike | None = None):
+        import numpy as np
+
+        list_path = Path(list_path)
+        root = Path(root) if root is not None else list_path.parent
+        records = []
+        for where, entry in _read_list(list_path, split, ("image", "slices"))[1]:
+            image, slices = _resolve(root, entry["image"], where), _resolve(root, entry["slices"], where)
+            try:
+                with np.load(slices) as arrays:
+                    missing = [name for name in SLICE_ARRAYS if name not in arrays.files]
+                    if missing:
+                        raise VolumeError(f"{where}: {slices} lacks the arrays {missing}")
+                    plane, position = arrays["plane"], arrays["slice"]
+                    rows = {name: arrays[name].shape[0] for name in SLICE_ARRAYS}
+                    dims = {arrays["image_embedding"].shape[1:], arrays["text_embedding"].shape[1:]}
+            except (OSError, ValueError) as err:
+                if isinstance(err, VolumeError):
+                    raise
+                raise VolumeError(f"{where}: cannot read {slices} ({type(err).__name__}: {err})") from None
+            if len(set(rows.values())) != 1 or len(dims) != 1 or len(next(iter(dims))) != 1:
+                raise VolumeError(f"{where}: {slices} arrays disagree: rows {rows}, embedding shapes {sorted(dims)}")
+            records += [{"task": "insight", "image": image, "slices": slices, "row": row, "plane": int(p),
+                         "slice": int(s)} for row, (p, s) in enumerate(zip(plane, position))]
+        super().__init__(records, f"{list_path}:{split}")
+
+
+class LabelMapSource(_ListSource):
+    """Decathlon-style segmentation: JSON {"labels": {"0": "background", "1": name, ...}, "training"|"test":
+    [{"image", "label"}]} with one label map per case (voxel value = class id), one record per case."""
+
+    def __init__(self, list_path: str | os.PathLike, split: str = "training", root: str | os.PathLike | None = None):
+        list_path = Path(list_path)
+        root = Path(root) if root is not None else list_path.parent
+        data, entries = _read_list(list_path, split, ("image", "label"))
+        self.class_names = _class_names(data, list_path)
+        records = [{"task": "segment", "image": _resolve(root, entry["image"], where),
+                    "mask": _resolve(root, entry["label"], where)} for where, entry in entries]
+        super().__init__(records, f"{list_path}:{split}")
+
+
+class ClassLabelSource(_ListSource):
+    """Volume classification: JSON {"labels": {"0": name, ...}, "training"|"test": [{"image", "label": id}]}."""
+
+    def __init__(self, list_path: str | os.PathLike, split: str = "training", root: str | os.PathLike | None = None):
+        list_path = Path(list_path)
+        root = Path(root) if root is not None else list_path.parent
+        data, entries = _read_list(list_path, split, ("image", "label"))
+        self.class_names = _class_names(data, list_path)
+        records = []
+        for where, entry in entries:
+            label = entry["label"]
+            if not isinstance(label, int) or not 0 <= label < len(self.class_names):
+                raise VolumeError(f"{where}: label {label!r} is not a class id in 0..{len(self.class_names) - 1}")
+            records.append({"task": "classify", "image": _resolve(root, entry["image"], where), "label": label})
+        super().__init__(records, f"{list_path}:{split}")
+
+
+def _class_names(data: dict, list_path: Path) -> list[str]:
+    """The "labels" table as a list indexed by class id; ids must be 0..K−1."""
+    try:
+        labels = {int(k): str(v) for k, v in data["labels"].items()}
+    except (KeyError, ValueError, AttributeError) as err:
+        raise VolumeError(f"{list_path}: cannot read the labels ({type(err).__name__}: {err})") from None
+    if sorted(labels) != list(range(len(labels))):
+        raise VolumeError(f"{list_path}: label ids {sorted(labels)} are not 0..{len(labels) - 1}")
+    return [labels[i] for i in range(len(labels))]

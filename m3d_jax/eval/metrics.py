@@ -395,6 +395,23 @@ def dice(logits: np.ndarray, mask: np.ndarray, threshold: float = 0.5) -> float:
     return float(2.0 * np.logical_and(predicted, target).sum() / denominator)
 
 
+def per_class_dice(predicted: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Dice of each class in each case, [B, num_classes], from class maps predicted and labels [B, *spatial];
+    NaN where the case has none of that class in its labels (MONAI `DiceMetric`'s ignore_empty), so
+    averages over cases skip them (np.nanmean)."""
+    predicted, labels = np.asarray(predicted), np.asarray(labels)
+    if predicted.shape != labels.shape:
+        raise ValueError(f"prediction shape {predicted.shape} != label shape {labels.shape}")
+    flat_pred, flat_true = predicted.reshape(len(predicted), -1), labels.reshape(len(labels), -1)
+    scores = np.full((len(predicted), num_classes), np.nan)
+    for k in range(num_classes):
+        pred_k, true_k = flat_pred == k, flat_true == k
+        present = true_k.any(axis=1)
+        both = np.logical_and(pred_k, true_k).sum(axis=1)
+        scores[present, k] = 2.0 * both[present] / (pred_k.sum(axis=1) + true_k.sum(axis=1))[present]
+    return scores
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Image-text retrieval
 # ---------------------------------------------------------------------------------------------------------------

@@ -112,7 +112,7 @@ def mahalanobis_cost(x3d: jax.Array, e2d: jax.Array, metric: jax.Array, *, full:
     return distance / distance.max()
 
 
-def partial_ot_alignment_loss(
+def alignment_plan(
     x3d: jax.Array,
     e2d: jax.Array,
     metric: jax.Array,
@@ -122,17 +122,20 @@ def partial_ot_alignment_loss(
     num_iter_max: int = 1000,
     full: bool = False,
 ) -> jax.Array:
-    """Med3DInsight's partial-OT alignment loss between paired 3D [B, d] and 2D [B, d] embeddings.
-
-    Both sides are L2-normalised, the cost is `mahalanobis_cost`, the marginals are uniform 1/B, and the loss is
-    −mean(log diag π): the reference's −Σ (I/B) ⊙ log π without its 0·log 0 = NaN when an off-diagonal entry
-    of π underflows. The reference computes `e2d` from a frozen encoder; wrap it in `lax.stop_gradient` if it
-    must stay constant here.
-    """
+    """The partial-OT plan [B (2D), B (3D)] between paired 3D [B, d] and 2D [B, d] embeddings: both sides
+    L2-normalised, the cost `mahalanobis_cost`, uniform 1/B marginals, mass `m`."""
     if x3d.shape != e2d.shape or x3d.ndim != 2:
         raise ValueError(f"expected paired embeddings [B, d]; got x3d {x3d.shape} and e2d {e2d.shape}")
     cost = mahalanobis_cost(_l2_normalize(x3d), _l2_normalize(e2d), metric, full=full)
     batch = x3d.shape[0]
     marginal = jnp.full((batch,), 1.0 / batch, cost.dtype)
-    plan = entropic_partial_wasserstein(marginal, marginal, cost, reg, m, num_iter_max=num_iter_max)
+    return entropic_partial_wasserstein(marginal, marginal, cost, reg, m, num_iter_max=num_iter_max)
+
+
+def partial_ot_alignment_loss(x3d: jax.Array, e2d: jax.Array, metric: jax.Array, **options) -> jax.Array:
+    """Med3DInsight's partial-OT alignment loss: −mean(log diag π) of the `alignment_plan` (same options) —
+    the reference's −Σ (I/B) ⊙ log π without its 0·log 0 = NaN when an off-diagonal entry of π underflows.
+    The reference computes `e2d` from a frozen encoder; wrap it in `lax.stop_gradient` if it must stay
+    constant here."""
+    plan = alignment_plan(x3d, e2d, metric, **options)
     return -jnp.mean(jnp.log(jnp.diagonal(plan)))

@@ -24,7 +24,7 @@ from flax import nnx
 
 from m3d_jax.config import dataclass_from_mapping
 from m3d_jax.layers import param
-from m3d_jax.losses.partial_ot import partial_ot_alignment_loss
+from m3d_jax.losses.partial_ot import alignment_plan, partial_ot_alignment_loss
 from m3d_jax.models.nnformer import NnFormer, NnFormerConfig
 from m3d_jax.models.psat import Psat, PsatConfig
 
@@ -76,14 +76,26 @@ class Med3DInsight(nnx.Module):
         return Med3DInsightOutput(self.psat(tokens, plane, slice_index, rngs), out.reconstruction)
 
 
+def _ot_options(config: Med3DInsightConfig) -> dict[str, Any]:
+    return dict(reg=config.ot_reg, m=config.ot_mass, num_iter_max=config.ot_iterations, full=config.full_metric)
+
+
 def med3dinsight_loss(model: Med3DInsight, batch: Mapping[str, jax.Array], rngs: nnx.Rngs | None = None):
     """OT(3D, slice image) + OT(3D, slice text) + MSE reconstruction. Returns (loss, metrics)."""
-    config = model.config
     out = model(batch["images"], batch["plane"], batch["slice_index"], rngs)
     metric = model.L[...]
-    ot = dict(reg=config.ot_reg, m=config.ot_mass, num_iter_max=config.ot_iterations, full=config.full_metric)
+    ot = _ot_options(model.config)
     image_ot = partial_ot_alignment_loss(out.embedding, jax.lax.stop_gradient(batch["image_embedding"]), metric, **ot)
     text_ot = partial_ot_alignment_loss(out.embedding, jax.lax.stop_gradient(batch["text_embedding"]), metric, **ot)
     reconstruction = jnp.mean(jnp.square(out.reconstruction.astype(jnp.float32) - batch["images"]))
     loss = image_ot + text_ot + reconstruction
     return loss, {"loss": loss, "ot_image": image_ot, "ot_text": text_ot, "reconstruction_mse": reconstruction}
+
+
+def plan_diagonal_mass(model: Med3DInsight, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """The mass the OT plans put on the true (volume, slice) pairs — trace(π) of 3D ↔ slice image and 3D ↔
+    slice text, out of `ot_mass` (chance: ot_mass / B) — in evaluation mode."""
+    out = model(batch["images"], batch["plane"], batch["slice_index"])
+    ot = _ot_options(model.config)
+    return {side: jnp.trace(alignment_plan(out.embedding, batch[f"{side}_embedding"], model.L[...], **ot))
+            for side in ("image", "text")}

@@ -47,6 +47,9 @@ def mfu(flops_per_step: float | None, seconds_per_step: float, num_devices: int,
     return flops_per_step / seconds_per_step / (peak * num_devices)
 
 
+_SHOWN = ("loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "mfu", "accuracy")  # on the progress bar
+
+
 class MetricWriter:
     """Writes scalars to `workdir/metrics.jsonl` and TensorBoard (`workdir/tensorboard`) and shows a
     progress bar; on non-primary processes it does nothing."""
@@ -80,8 +83,7 @@ class MetricWriter:
             for key, value in clean.items():
                 self._tb.add_scalar(f"{prefix}/{key}", value, step)
         if self._bar is not None:
-            shown = {k: f"{v:.4g}" for k, v in clean.items() if k in ("loss", "lr", "grad_norm", "tokens_per_s",
-                                                                       "mfu", "accuracy")}
+            shown = {k: f"{v:.4g}" for k, v in clean.items() if k in _SHOWN}
             self._bar.set_postfix(shown, refresh=False)
 
     def advance(self, steps: int = 1) -> None:

@@ -1,5 +1,7 @@
-"""AdamW with linear warmup + cosine decay, global-norm clipping, a weight-decay mask (no decay on
-vectors: biases, norm scales, cls token; nor on embeddings), gradient accumulation, and skipped updates
+"""AdamW with linear warmup + cosine decay (or a constant rate), global-norm clipping, a weight-decay mask
+(no decay on vectors: biases, norm scales, cls token; nor on embeddings — or decay on everything), decoupled
+(AdamW) or coupled (torch Adam's `weight_decay`: L2 added to the gradient before the moments) weight decay,
+gradient accumulation, and skipped updates
 for non-finite gradients (the parameters and optimiser state stay as they were; optax would apply one after
 N skips in a row, so here it never does — the trainer stops instead, see `max_consecutive_nonfinite`)."""
 
@@ -14,10 +16,13 @@ import optax
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     learning_rate: float = 1e-4
+    schedule: str = "warmup_cosine"  # or "constant"
     warmup_fraction: float = 0.03
     total_steps: int = 1000
     end_learning_rate_fraction: float = 0.0
     weight_decay: float = 0.0
+    weight_decay_mode: str = "decoupled"  # AdamW; "coupled": torch Adam(weight_decay=...) (Med3DInsight)
+    decay_all: bool = False  # decay every parameter (torch optimisers' default) instead of `decay_mask`
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
@@ -29,7 +34,16 @@ class OptimConfig:
     lr_multipliers: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
+    def __post_init__(self):
+        if self.schedule not in ("warmup_cosine", "constant"):
+            raise ValueError(f"optim.schedule must be 'warmup_cosine' or 'constant', got {self.schedule!r}")
+        if self.weight_decay_mode not in ("decoupled", "coupled"):
+            raise ValueError(f"optim.weight_decay_mode must be 'decoupled' or 'coupled', got {self.weight_decay_mode!r}")
+
+
 def schedule(config: OptimConfig) -> optax.Schedule:
+    if config.schedule == "constant":
+        return optax.constant_schedule(config.learning_rate)
     warmup = max(1, int(round(config.warmup_fraction * config.total_steps)))
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
@@ -72,8 +86,14 @@ def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
     parts = []
     if config.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(config.clip_norm))
-    parts.append(optax.adamw(schedule(config), b1=config.b1, b2=config.b2, eps=config.eps,
-                             weight_decay=config.weight_decay, mask=decay_mask))
+    mask = None if config.decay_all else decay_mask
+    if config.weight_decay_mode == "coupled":
+        if config.weight_decay:
+            parts.append(optax.add_decayed_weights(config.weight_decay, mask=mask))
+        parts.append(optax.adam(schedule(config), b1=config.b1, b2=config.b2, eps=config.eps))
+    else:
+        parts.append(optax.adamw(schedule(config), b1=config.b1, b2=config.b2, eps=config.eps,
+                                 weight_decay=config.weight_decay, mask=mask))
     if config.lr_multipliers:
         parts.append(scale_by_path(dict(config.lr_multipliers)))
     tx = optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=NEVER)

@@ -1,5 +1,7 @@
 """What the training loop needs from a model family, one `Task` per family (`config.task`): LaMed
-(`lamed_task`), M3D-CLIP (`clip_task`) and Med-2E3 (`med2e3_task`)."""
+(`lamed_task`), M3D-CLIP (`clip_task`), Med-2E3 (`med2e3_task`), Med3DInsight pretraining
+(`med3dinsight_task`) and fine-tuning its backbone for segmentation or classification (`finetune_task`:
+tasks segment and classify)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,18 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 TASK_MODULES = {"lamed": "m3d_jax.train.lamed_task", "clip": "m3d_jax.train.clip_task",
-                "med2e3": "m3d_jax.train.med2e3_task"}
+                "med2e3": "m3d_jax.train.med2e3_task", "med3dinsight": "m3d_jax.train.med3dinsight_task",
+                "segment": "m3d_jax.train.finetune_task:SEGMENT", "classify": "m3d_jax.train.finetune_task:CLASSIFY"}
+
+
+def count_text_tokens(batch: Mapping[str, Any]) -> int:
+    """Tokens in a host batch (its attention mask's ones)."""
+    return int(batch["attention_mask"].sum())
+
+
+def count_samples(batch: Mapping[str, Any]) -> int:
+    """Samples (rows) in a host batch, for models without tokens (volumes in, volumes out)."""
+    return len(batch["images"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,7 +35,8 @@ class Task:
     sample_spec(config, model_config, train) → a data spec whose `transform` makes samples; eval_metric:
     the loss metric reported on the eval sources; evaluate(model, run, config) → task metrics (e.g.
     closed-VQA accuracy, retrieval recall); export(model, tokenizer, folder): the released PyTorch
-    layout (on the primary process, parameters gathered)."""
+    layout (on the primary process, parameters gathered); unit and count: what throughput counts in a
+    host batch ("tokens" by default)."""
 
     name: str
     inputs: Mapping[str, int]
@@ -33,13 +47,16 @@ class Task:
     eval_metric: str
     evaluate: Callable[..., dict[str, float]]
     export: Callable[[nnx.Module, Any, str], None]
+    unit: str = "tokens"
+    count: Callable[[Mapping[str, Any]], int] = count_text_tokens
 
 
 def get_task(name: str) -> Task:
     """The task registered under `name` (config.task; default "lamed")."""
     if name not in TASK_MODULES:
         raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASK_MODULES)}")
-    return importlib.import_module(TASK_MODULES[name]).TASK
+    module, _, attribute = TASK_MODULES[name].partition(":")
+    return getattr(importlib.import_module(module), attribute or "TASK")
 
 
 def decoder_config(section: dict, **fixed):

@@ -132,7 +132,7 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
                 flops = step_flops(step_fn.lower(state, batch, key)) or 0.0
             state, metrics = step_fn(state, batch, key)
             step += 1
-            window.add(int(host_batch["attention_mask"].sum()) * processes)
+            window.add(run.task.count(host_batch) * processes)
             if samples_log is not None and sample_index is not None:
                 samples_log.write(f'{{"step": {step}, "samples": {sample_index.tolist()}}}\n')
                 samples_log.flush()
@@ -147,7 +147,7 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
                 seconds = window.seconds_per_step()
                 scalars = {k: float(v) for k, v in metrics.items() if k != "finite"}
                 scalars.update(lr=float(lr(max(0, (step - 1) // run.optim_config.accumulation_steps))),
-                               step_time_s=seconds, tokens_per_s=window.tokens_per_s(),
+                               step_time_s=seconds, **{f"{run.task.unit}_per_s": window.per_s()},
                                mfu=mfu(flops, seconds, jax.device_count(), peak))
                 writer.write(step, scalars)
                 window.reset()
@@ -226,23 +226,23 @@ def _check_finite(pending, config, writer, streak: int) -> int:
 
 
 class _Window:
-    """Steps and tokens since the last log line, for step time and tokens/s."""
+    """Steps and throughput units (tokens, samples) since the last log line, for step time and units/s."""
 
     def __init__(self):
         self.reset()
 
     def reset(self) -> None:
-        self.start, self.steps, self.tokens = time.perf_counter(), 0, 0
+        self.start, self.steps, self.units = time.perf_counter(), 0, 0
 
-    def add(self, tokens: int) -> None:
+    def add(self, units: int) -> None:
         self.steps += 1
-        self.tokens += tokens
+        self.units += units
 
     def seconds_per_step(self) -> float:
         return (time.perf_counter() - self.start) / max(1, self.steps)
 
-    def tokens_per_s(self) -> float:
-        return self.tokens / max(1e-9, time.perf_counter() - self.start)
+    def per_s(self) -> float:
+        return self.units / max(1e-9, time.perf_counter() - self.start)
 
 
 class _Preemption:
