@@ -133,3 +133,29 @@ def test_convert_tool_reads_the_sizes_from_the_state_dict_and_round_trips(export
     original, back = torch.load(path, weights_only=True), torch.load(tmp_path / "back.pth", weights_only=True)
     assert original.keys() == back.keys()
     assert all(torch.equal(original[key], back[key]) for key in original)
+
+
+def test_unetr_backbone_pretrains_and_round_trips(tmp_path):
+    from m3d_jax.models.med3dinsight import med3dinsight_loss
+    from m3d_jax.models.unetr import UnetrConfig
+    from m3d_jax.models.vit3d import ViT3DConfig
+
+    vit = ViT3DConfig(image_size=(32, 32, 32), patch_size=(16, 16, 16), hidden_size=64, mlp_dim=96, num_layers=10,
+                      num_heads=4, cls_token=False)
+    config = Med3DInsightConfig(backbone=UnetrConfig(vit=vit, feature_size=8, out_channels=3), backbone_kind="unetr",
+                                psat=TINY.psat, ot_iterations=50)
+    model = Med3DInsight(config, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    batch = dict(images=rng.random((4, 1, 32, 32, 32), np.float32), plane=np.array([0, 1, 2, 0]),
+                 slice_index=np.array([3, 100, 255, 40]), image_embedding=rng.normal(size=(4, 16)).astype(np.float32),
+                 text_embedding=rng.normal(size=(4, 16)).astype(np.float32))
+    (loss, metrics), grads = nnx.jit(nnx.value_and_grad(med3dinsight_loss, has_aux=True))(model, batch)
+    assert np.isfinite(float(loss)) and float(metrics["reconstruction_mse"]) > 0
+    assert float(np.abs(grads.backbone.vit.blocks.attn.qkv.kernel[...]).max()) > 0  # OT reaches the ViT
+    assert float(np.abs(grads.res.kernel[...]).max()) > 0
+    assert float(np.abs(grads.backbone.out.kernel[...]).max()) == 0  # the segmentation head is not in the loss
+    path = export_med3dinsight(model, tmp_path / "unetr.pth")
+    state = torch.load(path, weights_only=True)
+    assert "backbone.vit.patch_embedding.position_embeddings" in state and "res.weight" in state
+    loaded, _ = load_med3dinsight(path, config)
+    assert all(np.array_equal(v, _params(model)[k]) for k, v in _params(loaded).items())

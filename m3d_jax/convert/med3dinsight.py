@@ -98,25 +98,32 @@ def psat_keymap(config: PsatConfig) -> KeyMap:
 
 
 def med3dinsight_keymap(config: Med3DInsightConfig) -> KeyMap:
-    """The whole pretraining state dict ↔ a `Med3DInsight`."""
-    return KeyMap.combine("med3dinsight", nnformer_keymap(config.backbone).nested("", "backbone."),
-                          psat_keymap(config.psat).nested("", "psat."), KeyMap("metric", (Rule("L", "L"),)))
+    """The whole pretraining state dict ↔ a `Med3DInsight`. With a UNETR backbone (no released
+    checkpoint) the layout is ours: MONAI UNETR keys under `backbone.` and the reconstruction head `res`."""
+    shared = (psat_keymap(config.psat).nested("", "psat."), KeyMap("metric", (Rule("L", "L"),)))
+    if config.backbone_kind == "unetr":
+        from m3d_jax.convert.unetr import unetr_keymap
+
+        head = KeyMap("res", (Rule("res.weight", "res.kernel", LINEAR), Rule("res.bias", "res.bias")))
+        return KeyMap.combine("med3dinsight/unetr", unetr_keymap(config.backbone).nested("backbone.", "backbone."),
+                              head, *shared)
+    return KeyMap.combine("med3dinsight", nnformer_keymap(config.backbone).nested("", "backbone."), *shared)
 
 
-def _window_attentions(backbone: NnFormer) -> Iterator[tuple[str, WindowAttention]]:
-    """(torch key of the index buffer, module) of every window attention, in the state dict's order."""
+def _window_attentions(backbone: nnx.Module) -> Iterator[tuple[str, WindowAttention]]:
+    """(torch key of the index buffer, module) of every window attention (none in a UNETR)."""
     for path, module in nnx.iter_graph(backbone):
         if isinstance(module, WindowAttention):
             yield f"{_torch_module_name('.'.join(map(str, path)))}.{INDEX_BUFFER}", module
 
 
-def index_buffers(backbone: NnFormer) -> dict[str, np.ndarray]:
+def index_buffers(backbone: nnx.Module) -> dict[str, np.ndarray]:
     """torch key → the int64 relative-position index each window attention uses."""
     return {key: relative_position_index(module.window, module.relative_index).astype(np.int64)
             for key, module in _window_attentions(backbone)}
 
 
-def check_index_buffers(reader: CheckpointReader, backbone: NnFormer) -> None:
+def check_index_buffers(reader: CheckpointReader, backbone: nnx.Module) -> None:
     """Raises if a stored `relative_position_index` is missing or differs from the recomputed one."""
     other = {"reference": "corrected", "corrected": "reference"}
     for key, module in _window_attentions(backbone):

@@ -37,9 +37,8 @@ def load_pretrained(model: Med3DInsight, init: ConfigDict, mesh) -> None:
 
 def sample_spec(config: ConfigDict, model_config: Med3DInsightConfig, *, train: bool) -> InsightSampleSpec:
     psat = model_config.psat
-    return InsightSampleSpec(image_size=model_config.backbone.crop_size, embedding_dim=psat.out_dim,
-                             slice_limit=psat.slice_bins * psat.slice_stride,
-                             in_channels=model_config.backbone.in_channels,
+    return InsightSampleSpec(image_size=model_config.crop_size, embedding_dim=psat.out_dim,
+                             slice_limit=psat.slice_bins * psat.slice_stride, in_channels=model_config.in_channels,
                              window=tuple(config.data.window) if config.data.get("window") else None,
                              skip_bad_records=bool(config.data.get("skip_bad_records", False)))
 

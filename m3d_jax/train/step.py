@@ -21,8 +21,10 @@ STAGES: dict[str, tuple[str, ...]] = {
     # Med-2E3 (M3D-CLIP stays frozen in both): connectors (incl. text_mlp), then + LLM and SigLIP in full.
     "med2e3_stage1": ("vision2d_connector", "vision3d_connector"),
     "med2e3_stage2": ("llm", "vision2d_model", "vision2d_connector", "vision3d_connector"),
-    # Med3DInsight pretraining: everything but the segmentation head (torch Adam skips it: no gradient).
-    "med3dinsight_pretrain": ("backbone/model_down", "backbone/decoder", "backbone/res", "psat", "L"),
+    # Med3DInsight pretraining: everything but the segmentation head (nnFormer `final`, UNETR `out`; torch
+    # Adam skips it: no gradient).
+    "med3dinsight_pretrain": ("backbone/model_down", "backbone/decoder", "backbone/res", "backbone/vit",
+                              "backbone/encoder", "res", "psat", "L"),
     "linear_probe": ("head",),  # fine-tuning: only the classification head
     "full": ("",),
 }
