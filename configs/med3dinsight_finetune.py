@@ -6,7 +6,7 @@
   configs/med3dinsight_finetune.py:classify           {"labels": {...}, "training": [{"image", "label"}]}:
                                                       mean-pooled bottleneck → linear head, CE, accuracy
   configs/med3dinsight_finetune.py:segment_phantoms   the phantom set (background / body / lesion), tiny
-  configs/med3dinsight_finetune.py:classify_phantoms  the phantom set's lesion count (1, 2, 3), tiny
+  configs/med3dinsight_finetune.py:classify_phantoms  the phantom set's side of the largest lesion, tiny
 
   python -m m3d_jax.train --config=configs/med3dinsight_finetune.py:segment --workdir=gs://BUCKET/heart \
       --config.init.backbone=gs://BUCKET/med3dinsight/pytorch/model.pth --config.data.root=/data/Task02_Heart
@@ -75,7 +75,7 @@ def _pretraining_config(variant: str) -> ConfigDict:
 
 def _phantoms(config: ConfigDict, segment: bool) -> None:
     config.model.backbone = _pretraining_config("phantoms").model.backbone.to_dict()
-    config.model.num_classes = 3  # background / body / lesion, or one / two / three lesions
+    config.model.num_classes = 3 if segment else 2  # background / body / lesion, or left / right
     config.optim.learning_rate = 2e-3
     kind, path = ("label_map", "labels.json") if segment else ("class_label", "classes.json")
     config.data.root = "data/phantoms"

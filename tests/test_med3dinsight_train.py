@@ -97,7 +97,7 @@ def test_fine_tuning_starts_from_the_pretrained_backbone(pretrained, phantoms, t
         for path, variable in nnx.to_flat_state(nnx.state(source.backbone.model_down, nnx.Param)):
             assert np.array_equal(np.asarray(ours[path][...]), np.asarray(variable[...])), (variant, path)
     head = run.model.head.kernel[...]
-    assert head.shape == (128, 3)
+    assert head.shape == (128, 2)  # left / right
 
 
 @pytest.mark.parametrize("variant", ["segment_phantoms", "classify_phantoms"])

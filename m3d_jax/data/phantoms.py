@@ -2,8 +2,8 @@
 1–3 ellipsoid lesions of varied size, position and brightness, their masks, reports that describe them,
 closed and open VQA about them (answerable from the image), Decathlon-style segmentation lists and
 referring-segmentation rows; for Med3DInsight, cached "2D encoder" embeddings of slices in the three
-planes (`slices.json`), a three-class label map (background, body, lesion; `labels.json`) and the lesion
-count as a class (`classes.json`). It is the embedded default for tests and the demo."""
+planes (`slices.json`), a three-class label map (background, body, lesion; `labels.json`) and the side of
+the largest lesion as a class (`classes.json`). It is the embedded default for tests and the demo."""
 
 from __future__ import annotations
 
@@ -74,11 +74,11 @@ def _draw_case(rng: np.random.Generator, shape) -> dict | None:
     return dict(volume=volume, lesions=lesions, largest=largest, brightest=brightest, report=report)
 
 
-def _closed_question(rng, question, answer, options, qtype):
-    choices = list(options)
-    rng.shuffle(choices)
-    letter = "ABCD"[choices.index(answer)]
-    return dict(zip(VQA_COLUMNS, ("", "", qtype, question, *choices, answer, letter)))
+def _closed_question(question, answer, options, qtype):
+    """A multiple-choice row with the options in their fixed order: the phantom tests whether the model
+    reads the volume, not whether it can find a word among shuffled options."""
+    letter = "ABCD"[options.index(answer)]
+    return dict(zip(VQA_COLUMNS, ("", "", qtype, question, *options, answer, letter)))
 
 
 PHANTOM_EMBEDDING_DIM = 64
@@ -149,10 +149,10 @@ def write_phantoms(root: str | Path, *, num_cases: int = 24, seed: int = 0, shap
         splits[split].append({"image": image, "text": text})
         count = len(case["lesions"])
         for row in (
-            _closed_question(rng, "How many lesions are there?", COUNT_WORDS[count], ("one", "two", "three", "four"), 4),
-            _closed_question(rng, "On which side is the largest lesion?", case["largest"]["side"],
+            _closed_question("How many lesions are there?", COUNT_WORDS[count], ("one", "two", "three", "four"), 4),
+            _closed_question("On which side is the largest lesion?", case["largest"]["side"],
                              ("left", "right", "middle", "none"), 5),
-            _closed_question(rng, "On which side is the brightest lesion?", case["brightest"]["side"],
+            _closed_question("On which side is the brightest lesion?", case["brightest"]["side"],
                              ("left", "right", "middle", "none"), 5),
         ):
             row.update({"Image Path": image, "Text": case["report"]})
@@ -162,7 +162,7 @@ def write_phantoms(root: str | Path, *, num_cases: int = 24, seed: int = 0, shap
         labels = np.where(union > 0, 2, (case["volume"] > 0.1).astype(np.uint8)).astype(np.uint8)
         nib.save(nib.Nifti1Image(labels.transpose(2, 1, 0), affine), folder / "labels.nii.gz")
         label_items[seg_split].append({"image": image, "label": f"cases/case_{index:04d}/labels.nii.gz"})
-        class_items[seg_split].append({"image": image, "label": count - 1})
+        class_items[seg_split].append({"image": image, "label": SIDES.index(case["largest"]["side"])})
         np.savez(folder / "slices.npz", **slice_embeddings(case, projections, caption_noise))
         slice_lists[split].append({"image": image, "slices": f"cases/case_{index:04d}/slices.npz"})
         refseg_rows.append({"Image": image, "Mask": f"cases/case_{index:04d}/lesion_mask.nii.gz", "Mask_ID": 1,
@@ -182,7 +182,7 @@ def write_phantoms(root: str | Path, *, num_cases: int = 24, seed: int = 0, shap
     (root / "labels.json").write_text(json.dumps(
         {"labels": {"0": "background", "1": "body", "2": "lesion"}, **label_items}, indent=1))
     (root / "classes.json").write_text(json.dumps(
-        {"labels": {str(n - 1): f"{COUNT_WORDS[n]} lesion{'s' * (n > 1)}" for n in COUNT_WORDS}, **class_items},
+        {"labels": {str(i): f"largest lesion on the {side}" for i, side in enumerate(SIDES)}, **class_items},
         indent=1))
     (root / "cap.json").write_text(json.dumps(splits, indent=1))  # written last: marks a complete set
     return root
