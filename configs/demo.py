@@ -30,9 +30,11 @@ def get_config() -> ConfigDict:
     config.stage = "frozen_vision"
     config.tokenizer = "phantoms"
     # From scratch, the ViT needs position identity from the first step (left/right questions): its
-    # learnable position table starts at std 1 instead of MONAI's 0.02.
+    # learnable position table starts at std 1 instead of MONAI's 0.02. One block, not two: each random global
+    # attention layer mixes the patches further, and with two the lesion's side survived in some
+    # initialisations only (closed-VQA 89% / 60% / 60% for seeds 42 / 1 / 2; with one: 89% / 84% / 90%).
     config.model.vision = dataclasses.asdict(ViT3DConfig(image_size=(32, 64, 64), patch_size=(4, 16, 16),
-                                                         hidden_size=64, mlp_dim=128, num_layers=2, num_heads=4,
+                                                         hidden_size=64, mlp_dim=128, num_layers=1, num_heads=4,
                                                          position_init_std=1.0))
     config.model.decoder = dict(preset="tiny_phi3", num_layers=2, hidden_size=96, intermediate_size=192, num_heads=4,
                                 num_kv_heads=4, head_dim=24, max_position_embeddings=128)
