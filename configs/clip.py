@@ -20,6 +20,7 @@ import dataclasses
 
 from ml_collections import ConfigDict
 
+from m3d_jax.config import run_options
 from m3d_jax.models.text_encoder import BertConfig
 from m3d_jax.models.vit3d import ViT3DConfig
 
@@ -49,18 +50,11 @@ def get_config(variant: str = "m3d") -> ConfigDict:
         root="data/M3D-Data", batch_size=256, excerpt_tokens=512, skip_bad_records=True, augment=True, window=None,
         threads=0, sources=[ConfigDict(dict(kind="cap", path="M3D_Cap/M3D_Cap.json", split="train", weight=1.0))]))
     config.total_steps = 100 * 120_000 // 256
-    config.checkpoint = ConfigDict(dict(every=1000, keep=3, async_save=True))
-    config.log_every = 10
-    config.log_samples = False
-    config.progress = True
-    config.peak_flops_per_device = 0.0
+    config.update(run_options())
     config.eval = ConfigDict(dict(
         every=2000, loss_batches=10, batch_size=32, retrieval_pairs=2000,
         retrieval_source=ConfigDict(dict(kind="cap", path="M3D_Cap/M3D_Cap.json", split="test")),
         sources=[ConfigDict(dict(kind="cap", path="M3D_Cap/M3D_Cap.json", split="validation", weight=1.0))]))
-    config.export_pytorch = True
-    config.platform = ""
-    config.cpu_devices = 0
     if variant == "phantoms":
         _phantoms(config)
     return config

@@ -45,13 +45,15 @@ def get_config() -> ConfigDict:
     config.optim.warmup_fraction = 0.05
     config.optim.weight_decay = 0.01
     config.mesh = ConfigDict(dict(data=2, fsdp=2, tensor=2, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
+    # The closed-VQA rows only, 32 per step: mixed with captions and open VQA (4:1:1) at the same step budget,
+    # closed-VQA reaches 86% instead of 92% (seed 1); at 16 per step, 89%. In both the lesion count stays
+    # at its prior (one lesion, about 80%).
     config.data = ConfigDict(dict(
-        root="data/phantoms", phantom_cases=2000, batch_size=16, max_length=64, skip_bad_records=False,
+        root="data/phantoms", phantom_cases=2000, batch_size=32, max_length=64, skip_bad_records=False,
         # Intensity only: the questions ask for left / right, which rotations and flips would falsify.
-        augment=dict(rotate90_prob=0.0, flip_prob=0.0, scale_prob=0.5, scale=0.1, shift_prob=0.5, shift=0.1), window=None, threads=0,
-        sources=[ConfigDict(dict(kind=k, path=p, split=s, weight=w)) for k, p, s, w in (
-            ("vqa_closed", "vqa_train.csv", "", 3.0), ("vqa_open", "vqa_train.csv", "", 2.0),
-            ("cap", "cap.json", "train", 1.0))]))
+        augment=dict(rotate90_prob=0.0, flip_prob=0.0, scale_prob=0.5, scale=0.1, shift_prob=0.5, shift=0.1),
+        window=None, threads=0,
+        sources=[ConfigDict(dict(kind="vqa_closed", path="vqa_train.csv", split="", weight=1.0))]))
     config.total_steps = 3000
     config.checkpoint = ConfigDict(dict(every=1000, keep=2, async_save=True))
     config.log_every = 100

@@ -21,6 +21,7 @@ import dataclasses
 
 from ml_collections import ConfigDict
 
+from m3d_jax.config import run_options
 from m3d_jax.models.vit3d import ViT3DConfig
 
 LLMS = {"phi3": "phi3_mini_4k", "llama2": "llama2_7b"}
@@ -67,16 +68,9 @@ def get_config(variant: str = "stage2_phi3") -> ConfigDict:
     # M3D-Cap ≈ 120k pairs: 3 epochs at 128; stage 2 ≈ 4 epochs of the mixture at 64.
     config.total_steps = 3 * 120_000 // 128 if stage == "stage1" else 30_000
 
-    config.checkpoint = ConfigDict(dict(every=1000, keep=3, async_save=True))
-    config.log_every = 10
-    config.log_samples = False  # write each step's sample indices to samples.jsonl
-    config.progress = True
-    config.peak_flops_per_device = 0.0  # 0 = look the accelerator up (MFU is left out where unknown)
+    config.update(run_options())
     config.eval = ConfigDict(dict(
         every=2000, loss_batches=20, batch_size=8, vqa_samples=256, max_new_tokens=256,
         vqa_path="M3D_VQA/M3D_VQA_val.csv",
         sources=[ConfigDict(dict(kind="cap", path="M3D_Cap/M3D_Cap.json", split="validation", weight=1.0))]))
-    config.export_pytorch = True
-    config.platform = ""  # "" = JAX's default; "cpu" forces CPU
-    config.cpu_devices = 0  # > 0: simulate this many CPU devices (set before JAX starts)
     return config

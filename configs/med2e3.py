@@ -25,6 +25,7 @@ import dataclasses
 
 from ml_collections import ConfigDict
 
+from m3d_jax.config import run_options
 from m3d_jax.models.slice_encoder import SiglipVisionConfig
 from m3d_jax.models.text_encoder import BertConfig
 from m3d_jax.models.vit3d import ViT3DConfig
@@ -67,18 +68,11 @@ def get_config(variant: str = "stage2") -> ConfigDict:
         template="pretrain" if stage1 else "phi", skip_bad_records=True, augment=True, window=None, threads=0,
         sources=[ConfigDict(dict(kind=k, path=p, split=s, weight=w)) for k, p, s, w in sources]))
     config.total_steps = 3 * 120_000 // 64 if stage1 else 10_000
-    config.checkpoint = ConfigDict(dict(every=1000, keep=3, async_save=True))
-    config.log_every = 10
-    config.log_samples = False
-    config.progress = True
-    config.peak_flops_per_device = 0.0
+    config.update(run_options())
     config.eval = ConfigDict(dict(
         every=2000, loss_batches=10, batch_size=8, vqa_samples=0 if stage1 else 256, max_new_tokens=16,
         vqa_path="M3D_VQA/M3D_VQA_val.csv",
         sources=[ConfigDict(dict(kind="cap", path="M3D_Cap/M3D_Cap.json", split="validation", weight=1.0))]))
-    config.export_pytorch = True
-    config.platform = ""
-    config.cpu_devices = 0
     if variant == "phantoms":
         _phantoms(config)
     return config

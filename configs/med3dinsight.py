@@ -21,6 +21,7 @@ import dataclasses
 
 from ml_collections import ConfigDict
 
+from m3d_jax.config import run_options
 from m3d_jax.models.nnformer import NnFormerConfig
 from m3d_jax.models.psat import PsatConfig
 
@@ -48,17 +49,10 @@ def get_config(variant: str = "pretrain") -> ConfigDict:
         root="data/insight", batch_size=10, skip_bad_records=True, window=None, threads=0,
         sources=[ConfigDict(dict(kind="slices", path="insight.json", split="train", weight=1.0))]))
     config.total_steps = 100 * REFERENCE_EPOCH_STEPS
-    config.checkpoint = ConfigDict(dict(every=1000, keep=3, async_save=True))
-    config.log_every = 10
-    config.log_samples = False
-    config.progress = True
-    config.peak_flops_per_device = 0.0
+    config.update(run_options())
     config.eval = ConfigDict(dict(
         every=5000, loss_batches=10, plan_batches=10, batch_size=10,
         sources=[ConfigDict(dict(kind="slices", path="insight.json", split="validation", weight=1.0))]))
-    config.export_pytorch = True
-    config.platform = ""
-    config.cpu_devices = 0
     if variant == "phantoms":
         _phantoms(config)
     return config

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ml_collections import ConfigDict
 
+from m3d_jax.config import run_options
 from m3d_jax.models.nnformer import NnFormerConfig
 
 VARIANTS = ("segment", "classify", "segment_phantoms", "classify_phantoms")
@@ -50,16 +51,9 @@ def get_config(variant: str = "segment") -> ConfigDict:
         augment=dict(rotate90_prob=0.0, flip_prob=0.1, scale_prob=0.5, scale=0.1, shift_prob=0.5, shift=0.1),
         window=None, threads=0, sources=[ConfigDict(dict(kind=kind, path=path, split="training", weight=1.0))]))
     config.total_steps = 20_000
-    config.checkpoint = ConfigDict(dict(every=1000, keep=3, async_save=True))
-    config.log_every = 20
-    config.log_samples = False
-    config.progress = True
-    config.peak_flops_per_device = 0.0
+    config.update(run_options(log_every=20))
     config.eval = ConfigDict(dict(every=2000, loss_batches=0, batch_size=2,
                                   sources=[ConfigDict(dict(kind=kind, path=path, split="validation", weight=1.0))]))
-    config.export_pytorch = True
-    config.platform = ""
-    config.cpu_devices = 0
     if variant.endswith("phantoms"):
         _phantoms(config, segment)
     return config

@@ -34,7 +34,8 @@ def _params(module) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     model = Med3DInsight(TINY, rngs=nnx.Rngs(3))
-    path = export_med3dinsight(model, tmp_path_factory.mktemp("insight") / "latest_model.pth")
+    path = tmp_path_factory.mktemp("insight") / "latest_model.pth"
+    assert export_med3dinsight(model, path) == len(torch.load(path, weights_only=True))  # the count it reports
     return model, path
 
 
@@ -154,7 +155,8 @@ def test_unetr_backbone_pretrains_and_round_trips(tmp_path):
     assert float(np.abs(grads.backbone.vit.blocks.attn.qkv.kernel[...]).max()) > 0  # OT reaches the ViT
     assert float(np.abs(grads.res.kernel[...]).max()) > 0
     assert float(np.abs(grads.backbone.out.kernel[...]).max()) == 0  # the segmentation head is not in the loss
-    path = export_med3dinsight(model, tmp_path / "unetr.pth")
+    path = tmp_path / "unetr.pth"
+    export_med3dinsight(model, path)
     state = torch.load(path, weights_only=True)
     assert "backbone.vit.patch_embedding.position_embeddings" in state and "res.weight" in state
     loaded, _ = load_med3dinsight(path, config)

@@ -106,13 +106,12 @@ def _load_released_med3dinsight(path: str | os.PathLike) -> tuple[nnx.Module, Co
 
 def _export_released_med3dinsight(model: nnx.Module, dst: str | os.PathLike, dtype) -> int:
     """`dst` ending in .pth / .bin / .safetensors is the file; otherwise a folder that gets `model.pth`."""
-    from m3d_jax.convert.med3dinsight import export_med3dinsight, torch_state_dict
+    from m3d_jax.convert.med3dinsight import export_med3dinsight
 
     if dtype is not None:
         raise ValueError("Med3DInsight checkpoints are exported in float32, as the reference saves them")
     dst = Path(dst)
-    export_med3dinsight(model, dst if dst.suffix in (".pth", ".bin", ".safetensors") else dst / "model.pth")
-    return len(torch_state_dict(model))
+    return export_med3dinsight(model, dst if dst.suffix in (".pth", ".bin", ".safetensors") else dst / "model.pth")
 
 
 def _released_med2e3_config(folder: Path) -> dict | None:

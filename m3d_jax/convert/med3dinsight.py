@@ -67,14 +67,29 @@ def _nnformer_rule(path: str, ndim: int) -> Rule:
     return Rule(torch, path, transform)
 
 
-def nnformer_keymap(config: NnFormerConfig, *, heads: tuple[str, ...] = ("res", "final")) -> KeyMap:
-    """torch keys of an nnFormer state dict ↔ an `NnFormer`'s parameters (`heads`: which of its heads
-    the map covers). The index buffers are ignored here and checked by `check_index_buffers`."""
+def _nnformer_rules(config: NnFormerConfig, heads: tuple[str, ...]) -> tuple[Rule, ...]:
+    """The rules of an `NnFormer`'s parameters, of its heads (`res`, `final`) only those in `heads`."""
     model = nnx.eval_shape(lambda: NnFormer(config, rngs=nnx.Rngs(0)))
-    rules = tuple(_nnformer_rule(path, len(variable.shape)) for path, variable in _flat_values(nnx.state(model)).items()
-                  if not path.startswith(("res.", "final.")) or path.split(".")[0] in heads)
-    ignored = ((f"*.attn.{INDEX_BUFFER}", "index buffer; recomputed from the window and checked"),)
-    return KeyMap("med3dinsight/nnformer", rules, ignored=ignored)
+    return tuple(_nnformer_rule(path, len(variable.shape)) for path, variable in _flat_values(nnx.state(model)).items()
+                 if not path.startswith(("res.", "final.")) or path.split(".")[0] in heads)
+
+
+_INDEX_IGNORED = (f"*.attn.{INDEX_BUFFER}", "index buffer; recomputed from the window and checked")
+
+
+def nnformer_keymap(config: NnFormerConfig) -> KeyMap:
+    """torch keys of an nnFormer state dict ↔ an `NnFormer`'s parameters. The index buffers are ignored
+    here and checked by `check_index_buffers`."""
+    return KeyMap("med3dinsight/nnformer", _nnformer_rules(config, ("res", "final")), ignored=(_INDEX_IGNORED,))
+
+
+def backbone_keymap(config: NnFormerConfig, *, load_final: bool) -> KeyMap:
+    """What fine-tuning reads from a pretraining state dict: the nnFormer, with the segmentation head
+    `final` only when `load_final`; PSAT, `L`, the reconstruction head (and otherwise `final`) are
+    reported as ignored."""
+    ignored = (_INDEX_IGNORED, *PRETRAINING_HEADS,
+               *(() if load_final else (("final.0.up.*", "segmentation head with another class count; re-initialised"),)))
+    return KeyMap("med3dinsight/backbone", _nnformer_rules(config, ("final",) if load_final else ()), ignored=ignored)
 
 
 def psat_keymap(config: PsatConfig) -> KeyMap:
@@ -157,15 +172,10 @@ def load_backbone(path: str | os.PathLike, config: NnFormerConfig, *, seed: int 
     reader = CheckpointReader(path)
     model = NnFormer(config, rngs=nnx.Rngs(seed))
     graphdef, fresh = nnx.split(model)
-    heads = ()
-    if model.final is not None:
-        key = "final.0.up.weight"
-        if key in reader.keys() and reader.info(key).shape[1] == config.num_classes:
-            heads = ("final",)
-    keymap = nnformer_keymap(config, heads=heads)
-    ignored = keymap.ignored + PRETRAINING_HEADS + ((("final.0.up.*", "segmentation head with another class count; "
-                                                     "re-initialised"),) if not heads else ())
-    keymap = KeyMap(keymap.name, keymap.rules, ignored=ignored)
+    key = "final.0.up.weight"
+    load_final = (model.final is not None and key in reader.keys()
+                  and reader.info(key).shape[1] == config.num_classes)
+    keymap = backbone_keymap(config, load_final=load_final)
     covered = {path for rule in keymap.rules for path in rule.jax_paths}
     loaded_part = nnx.from_flat_state([(path, variable) for path, variable in nnx.to_flat_state(fresh)
                                        if ".".join(map(str, path)) in covered])
@@ -190,21 +200,27 @@ def torch_state_dict(model: Med3DInsight | NnFormer) -> dict[str, np.ndarray]:
     return tensors
 
 
-def export_med3dinsight(model: Med3DInsight | NnFormer, path: str | os.PathLike) -> Path:
-    """Writes the reference's checkpoint: `torch.save` of the state dict (a `.pth`; needs torch), or
-    safetensors when `path` ends in `.safetensors`."""
+def save_state_dict(tensors: dict[str, np.ndarray], path: str | os.PathLike) -> None:
+    """`torch.save` of numpy tensors as a torch state dict (needs torch), or safetensors when `path`
+    ends in `.safetensors`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = torch_state_dict(model)
     if path.suffix == ".safetensors":
         from safetensors.numpy import save_file
 
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path))
-        return path
+        return
     import torch
 
     torch.save({key: torch.from_numpy(np.array(value)) for key, value in tensors.items()}, path)
-    return path
+
+
+def export_med3dinsight(model: Med3DInsight | NnFormer, path: str | os.PathLike) -> int:
+    """Writes the reference's checkpoint (a `.pth`, or safetensors when `path` ends in `.safetensors`);
+    returns the number of state-dict entries."""
+    tensors = torch_state_dict(model)
+    save_state_dict(tensors, path)
+    return len(tensors)
 
 
 def config_from_checkpoint(reader: CheckpointReader, *, crop_size: tuple[int, int, int] = (128, 128, 128),

@@ -121,16 +121,13 @@ def evaluate_classifier(model: VolumeClassifier, run, config: ConfigDict) -> dic
 def export(model: VolumeSegmenter | VolumeClassifier, tokenizer, folder: str) -> None:
     """`folder/model.pth`: the nnFormer state dict in the reference's layout (`final.0.up.*` for the
     segmenter), plus `head.weight` [K, C] and `head.bias` for the classifier."""
-    import torch
-
-    from m3d_jax.convert.med3dinsight import torch_state_dict
+    from m3d_jax.convert.med3dinsight import save_state_dict, torch_state_dict
 
     tensors = torch_state_dict(model.backbone)
     if isinstance(model, VolumeClassifier):
         tensors["head.weight"] = np.asarray(model.head.kernel[...]).T
         tensors["head.bias"] = np.asarray(model.head.bias[...])
-    os.makedirs(folder, exist_ok=True)
-    torch.save({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, os.path.join(folder, "model.pth"))
+    save_state_dict(tensors, os.path.join(folder, "model.pth"))
 
 
 SEGMENT = Task(name="segment", inputs={"images": 5, "labels": 4}, build=build_segmenter,
