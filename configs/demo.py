@@ -1,8 +1,9 @@
 """The main job on the embedded default: a tiny M3D-LaMed (the real modules at small widths: ViT3D, spatial
-pooling projector, Phi-3 decoder; no SegVol module, which would make each step 5× slower on CPU) trained from scratch on the phantom set (written on first use) on
-8 simulated CPU devices as a 2 data × 2 fsdp × 2 tensor mesh. It prints the closed-VQA accuracy on held-out
-phantoms at the end and leaves an Orbax checkpoint and a PyTorch export (released LaMed layout) in the
-workdir. About 5 minutes on 2 cores (3000 steps of 16).
+pooling projector, Phi-3 decoder; no SegVol module, which would make each step 5× slower on CPU) trained
+from scratch (the ViT frozen at its random initialisation) on the phantom set's closed VQA (written on
+first use), on 8 simulated CPU devices as a 2 data × 2 fsdp × 2 tensor mesh. It prints the closed-VQA
+accuracy on held-out phantoms at the end and leaves an Orbax checkpoint and a PyTorch export (released
+LaMed layout) in the workdir. About 6.5 minutes on 2 cores (writing 2000 phantoms, then 3000 steps of 32).
 
   python -m m3d_jax.train --config=configs/demo.py --workdir=runs/demo
 """
