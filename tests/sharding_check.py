@@ -20,7 +20,9 @@ from m3d_jax.models.decoder_presets import tiny_phi3  # noqa: E402
 from m3d_jax.models.lamed import Lamed, LamedConfig, lamed_loss  # noqa: E402
 from m3d_jax.models.text_encoder import BertConfig  # noqa: E402
 from m3d_jax.models.vit3d import ViT3DConfig  # noqa: E402
-from m3d_jax.sharding import MeshConfig, batch_sharding, create_sharded, make_mesh, spec_for  # noqa: E402
+from m3d_jax.sharding import (  # noqa: E402
+    MeshConfig, activation_mesh, batch_sharding, constrain, create_sharded, make_mesh, spec_for,
+)
 
 CONFIG = LamedConfig(vision=ViT3DConfig(image_size=(16, 64, 64), hidden_size=64, mlp_dim=128, num_layers=2,
                                         num_heads=4),
@@ -58,6 +60,11 @@ MODELS = {
 }
 
 
+def padded(spec, ndim: int) -> list:
+    """A PartitionSpec as a JSON list with one entry per dimension (trailing Nones kept)."""
+    return [list(a) if isinstance(a, tuple) else a for a in (*spec, *[None] * (ndim - len(spec)))]
+
+
 def loss_and_grads(model, data, loss_fn):
     graphdef, state = nnx.split(model)
 
@@ -83,12 +90,15 @@ def main(name, mesh_shapes):
             if variable[...].sharding.spec != expected:
                 wrong.append(f"{path}: {variable[...].sharding.spec} != {expected}")
         sharded = {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in data.items()}
-        loss, grads = loss_and_grads(model, sharded, loss_fn)
+        with activation_mesh(mesh):  # the activation constraints are traced in, as in the train step
+            loss, grads = loss_and_grads(model, sharded, loss_fn)
+            logits_like = jax.jit(lambda x: constrain(x, ("batch", None, "vocab")))(jnp.zeros((8, 4, 16)))
         grad_err = max(float(jnp.max(jnp.abs(g[...] - ref_flat[p][...]))) for p, g in nnx.to_flat_state(grads))
         sharded_params = sum(1 for _, v in nnx.to_flat_state(nnx.state(model))
                              if not v[...].sharding.is_fully_replicated)
         results["x".join(map(str, shape))] = dict(loss_err=abs(float(loss) - float(ref_loss)), grad_err=grad_err,
-                                                  wrong=wrong, sharded_params=sharded_params)
+                                                  wrong=wrong, sharded_params=sharded_params,
+                                                  activation_spec=padded(logits_like.sharding.spec, 3))
     print(json.dumps(results))
 
 

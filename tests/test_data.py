@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import word_tokenizer
-from m3d_jax.data.augment import augment, record_rng
+from m3d_jax.data.augment import AugmentConfig, augment, record_rng
 from m3d_jax.data.phantoms import write_phantoms
 from m3d_jax.data.pipeline import SampleSpec, source_dataset
 from m3d_jax.data.prompts import box_from_mask, box_text, tokenize_sample
@@ -75,6 +75,17 @@ def test_augmentation_is_seeded_and_co_transforms_masks():
         # Intensity changes are affine (a·x + b), so the mask still marks the same voxels' ranking.
         bright = out_image > np.quantile(out_image, 1 - mask.mean())
         assert (bright == (out_mask > 0)).mean() > 0.99
+
+
+def test_flip_axes_keep_left_and_right():
+    image = np.random.default_rng(0).random((1, 4, 6, 8)).astype(np.float32)
+    config = AugmentConfig(rotate90_prob=0.0, flip_prob=1.0, flip_axes=(1, 2), scale_prob=0.0, shift_prob=0.0)
+    flipped, _ = augment(image, None, record_rng(0, 0, 0), config)
+    np.testing.assert_array_equal(flipped, image[:, ::-1, ::-1, :])  # D and H flipped, W (left/right) kept
+    everything, _ = augment(image, None, record_rng(0, 0, 0), dataclasses.replace(config, flip_axes=(1, 2, 3)))
+    np.testing.assert_array_equal(everything, image[:, ::-1, ::-1, ::-1])
+    with pytest.raises(ValueError, match=r"flip_axes \(0, 1\)"):
+        AugmentConfig(flip_axes=(0, 1))
 
 
 def test_tokenized_sample_masks_prompt_and_padding(tokenizer):

@@ -23,13 +23,18 @@ def test_mesh_shapes_fill_and_validate():
 
 
 def _sharding_check(model: str) -> dict:
-    """Per mesh: loss / gradient error vs one device and parameters laid out against the rules (asserted)."""
+    """Per mesh, with the activation constraints traced in: loss / gradient error vs one device, parameters
+    laid out against the rules and an activation's layout (asserted)."""
     script = pathlib.Path(__file__).with_name("sharding_check.py")
     result = subprocess.run([sys.executable, str(script), model, "8x1x1", "2x2x2", "1x4x2"], capture_output=True,
                             text=True, timeout=900, cwd=script.parent.parent)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(result.stdout.strip().splitlines()[-1])
+    # Activations [B, T, vocab]: batch over the data axes present, vocabulary over tensor.
+    expected_activations = {"8x1x1": ["data", None, None], "2x2x2": [["data", "fsdp"], None, "tensor"],
+                            "1x4x2": ["fsdp", None, "tensor"]}
     for mesh, outcome in results.items():
+        assert outcome["activation_spec"] == expected_activations[mesh], (mesh, outcome["activation_spec"])
         assert outcome["wrong"] == [], (mesh, outcome["wrong"][:5])
         assert outcome["loss_err"] <= 1e-5, (mesh, outcome)
         assert outcome["grad_err"] <= 1e-5, (mesh, outcome)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from m3d_jax.layers.params import DType, normal, param
+from m3d_jax.sharding import constrain
 
 
 class Embed(nnx.Module):
@@ -20,7 +21,10 @@ class Embed(nnx.Module):
         self.embedding = param(rngs, normal(0.02), (num_embeddings, features), param_dtype, ("vocab", "embed"))
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        # The lookup reads whole rows: gather the table's feature dimension (fsdp) first, so the rows come
+        # out batch-sharded like the ids instead of being resharded from feature-sharded.
+        table = constrain(self.embedding[...], ("vocab", None))
+        return jnp.take(table, ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """x · tableᵀ: logits over the vocabulary for tied input/output embeddings."""

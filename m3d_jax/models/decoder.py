@@ -25,6 +25,7 @@ from m3d_jax.layers.mlp import GatedMlp
 from m3d_jax.layers.norms import RMSNorm
 from m3d_jax.layers.params import canonical_dtype
 from m3d_jax.layers.rope import RopeConfig, rope_tables
+from m3d_jax.sharding import constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +179,9 @@ class DecoderConfig:
         return hf
 
 
+RESIDUAL = ("batch", None, None)  # the residual stream [B, T, D]: batch-sharded, features whole
+
+
 class DecoderOutput(NamedTuple):
     logits: jax.Array  # [B, T, vocab] float32 (T = 1 with logits_at)
     hidden_states: tuple[jax.Array, ...] | None  # HF convention: embeddings, layers 1..L-1, final-normed output
@@ -202,8 +206,8 @@ class DecoderLayer(nnx.Module):
         attended, new_cache = self.self_attn(
             self.input_layernorm(x), cos=cos, sin=sin, mask=mask, cache=layer_cache, cache_index=cache_index
         )
-        x = x + attended
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x = constrain(x + attended, RESIDUAL)
+        x = constrain(x + self.mlp(self.post_attention_layernorm(x)), RESIDUAL)
         return x if layer_cache is None else (x, new_cache)
 
 
@@ -250,6 +254,7 @@ class Decoder(nnx.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.embed_tokens.dtype)
+        x = constrain(x, RESIDUAL)
         batch, length = x.shape[:2]
         token_valid = jnp.ones((batch, length), bool) if attention_mask is None else attention_mask.astype(bool)
         if cache is None:
@@ -285,5 +290,6 @@ class Decoder(nnx.Module):
             hidden_states = (embeddings, *hidden[:-1], x)
         if logits_at is not None:
             x = jax.lax.dynamic_slice_in_dim(x, jnp.asarray(logits_at) % length, 1, axis=1)
-        logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+        logits = constrain(self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x),
+                           ("batch", None, "vocab"))
         return DecoderOutput(logits.astype(jnp.float32), hidden_states, cache, last_hidden_state)

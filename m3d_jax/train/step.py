@@ -10,7 +10,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
+from m3d_jax.sharding import activation_mesh
 from m3d_jax.train.lora import LoraParam, lora_dropout
 
 # Parameter-path prefixes trained in each stage (REFERENCE §1.7, §3).
@@ -54,19 +56,19 @@ def trainable(stage: str, lora: bool = False) -> nnx.filterlib.Filter:
 
 
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, wrt: nnx.filterlib.Filter, *,
-                    state_shardings: Any = None, batch_shardings: Any = None) -> Callable:
+                    state_shardings: Any = None, batch_shardings: Any = None, mesh: Mesh | None = None) -> Callable:
     """One jitted step(state, batch, key) → (state, metrics) over the split (model, optimizer) state.
 
     `loss_fn(model, batch, rngs) -> (loss, metrics)`; gradients flow only to the parameters `wrt`
     selects. The state is donated and laid out by `state_shardings` on the way in and out, the batch by
-    `batch_shardings`; `key` drives dropout (including LoRA dropout). The optimiser skips updates whose
+    `batch_shardings`, the activations by `constrain` on `mesh`; `key` drives dropout (including LoRA dropout). The optimiser skips updates whose
     gradients are not finite (see `make_optimizer`); `metrics["finite"]` says whether this one was."""
 
     def train_step(state: nnx.State, batch: Mapping[str, jax.Array], key: jax.Array):
         model, optimizer = nnx.merge(graphdef, state)
 
         def loss(model):
-            with lora_dropout(key):
+            with lora_dropout(key), activation_mesh(mesh):
                 return loss_fn(model, batch, nnx.Rngs(dropout=key))
 
         (value, metrics), grads = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, wrt), has_aux=True)(model)

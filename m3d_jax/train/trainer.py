@@ -79,7 +79,7 @@ def compiled_step(run: Setup) -> tuple[nnx.GraphDef, nnx.State, Any]:
     shardings = jax.tree.map(lambda x: x.sharding, state)
     batch_shardings = {key: batch_sharding(run.mesh, ndim) for key, ndim in run.task.inputs.items()}
     return graphdef, state, make_train_step(graphdef, run.task.loss, run.wrt, state_shardings=shardings,
-                                            batch_shardings=batch_shardings)
+                                            batch_shardings=batch_shardings, mesh=run.mesh)
 
 
 def train(config: ConfigDict, workdir: str) -> dict[str, float]:
