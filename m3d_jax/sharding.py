@@ -137,6 +137,8 @@ def replicate_strays(module: nnx.Module, mesh: Mesh) -> None:
     nnx.update(module, jax.tree.map(place, nnx.state(module)))
 
 
+RESIDUAL = ("batch", None, None)  # a residual stream [B, T, D]: batch-sharded, features whole
+
 _ACTIVATION_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("activation_mesh", default=None)
 
 

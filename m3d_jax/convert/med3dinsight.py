@@ -87,8 +87,8 @@ def backbone_keymap(config: NnFormerConfig, *, load_final: bool) -> KeyMap:
     """What fine-tuning reads from a pretraining state dict: the nnFormer, with the segmentation head
     `final` only when `load_final`; PSAT, `L`, the reconstruction head (and otherwise `final`) are
     reported as ignored."""
-    ignored = (_INDEX_IGNORED, *PRETRAINING_HEADS,
-               *(() if load_final else (("final.0.up.*", "segmentation head with another class count; re-initialised"),)))
+    final = [] if load_final else [("final.0.up.*", "segmentation head with another class count; re-initialised")]
+    ignored = (_INDEX_IGNORED, *PRETRAINING_HEADS, *final)
     return KeyMap("med3dinsight/backbone", _nnformer_rules(config, ("final",) if load_final else ()), ignored=ignored)
 
 

@@ -1,8 +1,8 @@
 """M3D's training augmentations, driven by a per-record RNG so a sample is a pure function of
 (seed, epoch, index): RandRotate90 in the H-W plane (p 0.5, k ∈ {1, 2, 3}), a flip of each spatial axis
-(p 0.1 each; `flip_axes` narrows the axes), intensity scale ×(1 + U(−0.1, 0.1)) (p 0.5) and shift + U(−0.1, 0.1) (p 0.5). Masks get
-the same rotations and flips (never the intensity changes). For non-square H-W planes the rotation is
-always a half turn, so shapes stay fixed."""
+(p 0.1 each; `flip_axes` narrows the axes), intensity scale ×(1 + U(−0.1, 0.1)) (p 0.5) and shift
++ U(−0.1, 0.1) (p 0.5). Masks get the same rotations and flips (never the intensity changes). For
+non-square H-W planes the rotation is always a half turn, so shapes stay fixed."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from m3d_jax.layers.mlp import GatedMlp
 from m3d_jax.layers.norms import RMSNorm
 from m3d_jax.layers.params import canonical_dtype
 from m3d_jax.layers.rope import RopeConfig, rope_tables
-from m3d_jax.sharding import constrain
+from m3d_jax.sharding import RESIDUAL, constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,9 +177,6 @@ class DecoderConfig:
             hf.update(model_type="llama", architectures=["LlamaForCausalLM"], attention_bias=self.attention_bias,
                       mlp_bias=self.mlp_bias)
         return hf
-
-
-RESIDUAL = ("batch", None, None)  # the residual stream [B, T, D]: batch-sharded, features whole
 
 
 class DecoderOutput(NamedTuple):

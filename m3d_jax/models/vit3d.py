@@ -19,7 +19,7 @@ from m3d_jax.config import dataclass_from_mapping
 from m3d_jax.layers import FusedSelfAttention, LayerNorm, Mlp, PerceptronPatchEmbed3D, RematPolicy, run_stack, stacked
 from m3d_jax.layers.attention import AttentionImpl
 from m3d_jax.layers.params import canonical_dtype, param, zeros
-from m3d_jax.sharding import constrain
+from m3d_jax.sharding import RESIDUAL, constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,8 +105,8 @@ class EncoderBlock(nnx.Module):
         self.mlp = Mlp(config.hidden_size, config.mlp_dim, act="gelu", rngs=rngs, **dtypes)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = constrain(x + self.attn(self.norm1(x)), ("batch", None, None))
-        return constrain(x + self.mlp(self.norm2(x)), ("batch", None, None))
+        x = constrain(x + self.attn(self.norm1(x)), RESIDUAL)
+        return constrain(x + self.mlp(self.norm2(x)), RESIDUAL)
 
 
 class ViT3D(nnx.Module):

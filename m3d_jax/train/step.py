@@ -61,8 +61,9 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, wrt: nnx.filterli
 
     `loss_fn(model, batch, rngs) -> (loss, metrics)`; gradients flow only to the parameters `wrt`
     selects. The state is donated and laid out by `state_shardings` on the way in and out, the batch by
-    `batch_shardings`, the activations by `constrain` on `mesh`; `key` drives dropout (including LoRA dropout). The optimiser skips updates whose
-    gradients are not finite (see `make_optimizer`); `metrics["finite"]` says whether this one was."""
+    `batch_shardings`, the activations by `constrain` on `mesh`; `key` drives dropout (including LoRA
+    dropout). The optimiser skips updates whose gradients are not finite (see `make_optimizer`);
+    `metrics["finite"]` says whether this one was."""
 
     def train_step(state: nnx.State, batch: Mapping[str, jax.Array], key: jax.Array):
         model, optimizer = nnx.merge(graphdef, state)
