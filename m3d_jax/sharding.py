@@ -105,6 +105,17 @@ def spec_for(names: Sequence[str | None] | None, shape: Sequence[int], mesh: Mes
     return PartitionSpec(*spec)
 
 
+def allowed_mesh_axes(names: Sequence[str | None] | None, mesh: Mesh, rules=LOGICAL_RULES) -> set[str]:
+    """The mesh axes (of size > 1) an array with these logical names may be sharded over under the rules
+    table, were every dimension divisible."""
+    table = dict(rules)
+    allowed: set[str] = set()
+    for name in names or ():
+        target = table.get(name) if name is not None else None
+        allowed.update(a for a in ((target,) if isinstance(target, str) else tuple(target or ())) if mesh.shape[a] > 1)
+    return allowed
+
+
 def state_shardings(state: nnx.State, mesh: Mesh, rules=LOGICAL_RULES) -> nnx.State:
     """A State of NamedShardings matching `state` (abstract or real), from each variable's logical names."""
     def sharding(variable: nnx.Variable) -> nnx.Variable:

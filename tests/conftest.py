@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-import torch
+import os
 
-from m3d_jax.models.vit3d import ViT3DConfig
+# The suite runs on CPU; with libtpu installed (the test extra brings it for the planner) JAX would
+# otherwise probe for a TPU first.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from m3d_jax.models.vit3d import ViT3DConfig  # noqa: E402
 
 # Full ViT-B widths on a small volume: every real shape except the token count.
 SMALL_VIT_B = ViT3DConfig(image_size=(16, 64, 64))

@@ -3,6 +3,9 @@ so XLA picks cuDNN flash attention on GPU for bf16/fp16 inputs."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Literal, NamedTuple
 
 import jax
@@ -19,6 +22,24 @@ AttentionImpl = Literal["auto", "xla", "cudnn"]
 # On CPU, attending in query blocks keeps each [block, T] score slab in cache: ~2x faster at T≈2k.
 _CPU_QUERY_CHUNK = 128
 _CPU_CHUNK_MIN_LENGTH = 1024
+
+
+# Name scopes that FLOP counting (train/flops.py) reads: products under ATTENTION_SCOPE are attention's
+# score and value products, halved under CAUSAL_SCOPE (only the lower triangle is useful work).
+ATTENTION_SCOPE = "attention"
+CAUSAL_SCOPE = "causal_attention"
+_PLAIN_XLA = contextvars.ContextVar("plain_xla_attention", default=False)
+
+
+@contextlib.contextmanager
+def plain_xla_attention() -> Iterator[None]:
+    """While tracing inside this context, every attention is XLA einsums (no fused cuDNN call), so a jaxpr
+    walk sees its products."""
+    token = _PLAIN_XLA.set(True)
+    try:
+        yield
+    finally:
+        _PLAIN_XLA.reset(token)
 
 
 def _auto_implementation(query: jax.Array) -> str:
@@ -49,15 +70,18 @@ def attend(
     if implementation not in ("auto", "xla", "cudnn"):
         raise ValueError(f"attention implementation must be auto, xla or cudnn, got {implementation!r}")
     impl = _auto_implementation(query) if implementation == "auto" else implementation
+    if _PLAIN_XLA.get():
+        impl = "xla"
     length = query.shape[1]
     if query_chunk < 0:
         on_cpu = jax.default_backend() == "cpu"
         query_chunk = _CPU_QUERY_CHUNK if on_cpu and length >= _CPU_CHUNK_MIN_LENGTH and not is_causal else 0
 
     def attend_block(block_query, block_mask):
-        return jax.nn.dot_product_attention(
-            block_query, key, value, mask=block_mask, is_causal=is_causal, scale=scale, implementation=impl
-        )
+        with jax.named_scope(CAUSAL_SCOPE if is_causal else ATTENTION_SCOPE), jax.named_scope(ATTENTION_SCOPE):
+            return jax.nn.dot_product_attention(
+                block_query, key, value, mask=block_mask, is_causal=is_causal, scale=scale, implementation=impl
+            )
 
     if query_chunk == 0 or length <= query_chunk:
         return attend_block(query, mask)
@@ -204,8 +228,9 @@ class CausalSelfAttention(nnx.Module):
                 cached_value, value.astype(cached_value.dtype), cache_index, axis=1
             )
             cache = (key, value)
-        context = attend(
-            query, key.astype(query.dtype), value.astype(query.dtype), mask=mask, scale=self.head_dim**-0.5,
-            implementation=self.implementation, query_chunk=0,
-        )
+        with jax.named_scope(CAUSAL_SCOPE):
+            context = attend(
+                query, key.astype(query.dtype), value.astype(query.dtype), mask=mask, scale=self.head_dim**-0.5,
+                implementation=self.implementation, query_chunk=0,
+            )
         return self.o_proj(context), cache

@@ -7,7 +7,9 @@ the choice; the tests pin that they give identical numbers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -21,6 +23,20 @@ _POLICIES: dict[str, Any] = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+_UNROLLED = contextvars.ContextVar("unrolled_scans", default=False)
+
+
+@contextlib.contextmanager
+def unrolled_scans() -> Iterator[None]:
+    """While tracing inside this context, scanned stacks are fully unrolled: the same numbers, but a
+    program in which XLA's cost analysis sees every layer (it counts a loop body once)."""
+    token = _UNROLLED.set(True)
+    try:
+        yield
+    finally:
+        _UNROLLED.reset(token)
 
 
 def stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -98,7 +114,7 @@ def run_stack(
             out, extra = apply_layer(carry, *layer_args)
             return out, (out if collect else None, extra)
 
-        x, (outputs, extras) = jax.lax.scan(body, x, (state, per_layer))
+        x, (outputs, extras) = jax.lax.scan(body, x, (state, per_layer), unroll=True if _UNROLLED.get() else 1)
         return StackOutput(x, list(outputs) if collect else None, extras)
 
     outputs, extras = [], []

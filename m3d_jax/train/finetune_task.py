@@ -18,7 +18,7 @@ from m3d_jax.data.insight_samples import FinetuneSampleSpec
 from m3d_jax.losses.segmentation import dice_ce_loss
 from m3d_jax.models.finetune import VolumeClassifier, VolumeSegmenter
 from m3d_jax.models.nnformer import NnFormerConfig
-from m3d_jax.train.tasks import Task, augment_config, count_samples, on_host, place
+from m3d_jax.train.tasks import Task, augment_config, count_samples, on_host, place, volume_batch
 
 
 def _backbone_config(config: ConfigDict) -> NnFormerConfig:
@@ -26,15 +26,26 @@ def _backbone_config(config: ConfigDict) -> NnFormerConfig:
     return NnFormerConfig.from_dict(values)
 
 
-def build_segmenter(config: ConfigDict):
+def build_segmenter(config: ConfigDict, without_tokenizer: bool = False):
     model_config = _backbone_config(config)
     return None, model_config, lambda: VolumeSegmenter(model_config, rngs=nnx.Rngs(config.seed))
 
 
-def build_classifier(config: ConfigDict):
+def build_classifier(config: ConfigDict, without_tokenizer: bool = False):
     model_config = _backbone_config(config)
     return None, model_config, lambda: VolumeClassifier(model_config, model_config.num_classes,
                                                         rngs=nnx.Rngs(config.seed))
+
+
+def segment_batch(config: ConfigDict, model_config: NnFormerConfig) -> dict:
+    """Crops [B, C, *crop] float32 and label maps [B, *crop] int32."""
+    crop = model_config.crop_size
+    return volume_batch(config, model_config.in_channels, crop, labels=(crop, np.int32))
+
+
+def classify_batch(config: ConfigDict, model_config: NnFormerConfig) -> dict:
+    """Crops [B, C, *crop] float32 and class ids [B] int32."""
+    return volume_batch(config, model_config.in_channels, model_config.crop_size, labels=((), np.int32))
 
 
 def load_pretrained(model: VolumeSegmenter | VolumeClassifier, init: ConfigDict, mesh) -> None:
@@ -130,9 +141,9 @@ def export(model: VolumeSegmenter | VolumeClassifier, tokenizer, folder: str) ->
     save_state_dict(tensors, os.path.join(folder, "model.pth"))
 
 
-SEGMENT = Task(name="segment", inputs={"images": 5, "labels": 4}, build=build_segmenter,
+SEGMENT = Task(name="segment", inputs={"images": 5, "labels": 4}, build=build_segmenter, batch_shapes=segment_batch,
                load_pretrained=load_pretrained, loss=segment_loss, sample_spec=_spec("segment"), eval_metric="loss",
                evaluate=evaluate_segmenter, export=export, unit="samples", count=count_samples)
-CLASSIFY = Task(name="classify", inputs={"images": 5, "labels": 1}, build=build_classifier,
+CLASSIFY = Task(name="classify", inputs={"images": 5, "labels": 1}, build=build_classifier, batch_shapes=classify_batch,
                 load_pretrained=load_pretrained, loss=classify_loss, sample_spec=_spec("classify"),
                 eval_metric="loss", evaluate=evaluate_classifier, export=export, unit="samples", count=count_samples)

@@ -10,9 +10,11 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from m3d_jax.data.pipeline import SampleSpec
-from m3d_jax.models.lamed import Lamed, LamedConfig, lamed_loss
+from m3d_jax.models.decoder_presets import PRESETS, TOKENIZER_SIZES
+from m3d_jax.models.lamed import ADDED_TOKENS, Lamed, LamedConfig, lamed_loss
 from m3d_jax.models.vit3d import ViT3DConfig
-from m3d_jax.train.tasks import Task, augment_config, decoder_config, load_vision_tower, on_host, place
+from m3d_jax.tokenizer import LamedTokenIds
+from m3d_jax.train.tasks import Task, augment_config, decoder_config, load_vision_tower, on_host, place, volume_batch
 
 # The batch entries the model takes, with their ranks: [B, C, D, H, W] volumes, [B, L] token arrays.
 INPUTS = {"images": 5, "input_ids": 2, "attention_mask": 2, "labels": 2, "seg_masks": 5}
@@ -42,11 +44,33 @@ def lamed_config(model: ConfigDict, ids, vocab_size: int) -> LamedConfig:
                                image_token_id=ids.image, seg_token_id=ids.seg)
 
 
-def build(config: ConfigDict):
-    """(tokenizer, LamedConfig, model factory) of a training config."""
-    tokenizer, ids = build_tokenizer(config.tokenizer)
-    model_config = lamed_config(config.model, ids, len(tokenizer))
+def build(config: ConfigDict, without_tokenizer: bool = False):
+    """(tokenizer, LamedConfig, model factory) of a training config. `without_tokenizer`: the vocabulary
+    and token ids are those of the released checkpoints (the preset's tokenizer plus LaMed's four tokens);
+    the phantom tokenizer, built offline, is still used where the config names it."""
+    if without_tokenizer and config.tokenizer != "phantoms":
+        tokenizer, ids, vocab = None, *released_token_ids(config.model.decoder.get("preset", ""))
+    else:
+        tokenizer, ids = build_tokenizer(config.tokenizer)
+        vocab = len(tokenizer)
+    model_config = lamed_config(config.model, ids, vocab)
     return tokenizer, model_config, lambda: Lamed(model_config, rngs=nnx.Rngs(config.seed))
+
+
+def released_token_ids(preset: str) -> tuple[LamedTokenIds, int]:
+    """(token ids, vocabulary size) of a released LaMed on the preset's LLM: its tokenizer grown by
+    `<im_patch>`, `<bx_start>`, `<bx_end>` and `[SEG]`, in that order (REFERENCE §1.3)."""
+    base = TOKENIZER_SIZES.get(preset) or PRESETS[preset]().vocab_size
+    pad = PRESETS[preset]().pad_token_id
+    return LamedTokenIds(base, base + 1, base + 2, base + 3, pad=pad), base + len(ADDED_TOKENS)
+
+
+def batch_shapes(config: ConfigDict, model_config: LamedConfig) -> dict:
+    """Volumes and seg masks [B, C|1, D, H, W] float32; ids, mask and labels [B, max_length] int32."""
+    tokens = ((int(config.data.max_length),), np.int32)
+    vision = model_config.vision
+    return volume_batch(config, vision.in_channels, vision.image_size, input_ids=tokens, attention_mask=tokens,
+                        labels=tokens, seg_masks=((1, *vision.image_size), np.float32))
 
 
 def load_pretrained(model: Lamed, init: ConfigDict, mesh) -> None:
@@ -129,5 +153,5 @@ def export(model: Lamed, tokenizer, folder: str) -> None:
     tokenizer.save_pretrained(folder)
 
 
-TASK = Task(name="lamed", inputs=INPUTS, build=build, load_pretrained=load_pretrained, loss=lamed_loss,
+TASK = Task(name="lamed", inputs=INPUTS, build=build, batch_shapes=batch_shapes, load_pretrained=load_pretrained, loss=lamed_loss,
             sample_spec=sample_spec, eval_metric="lm_loss", evaluate=evaluate, export=export)

@@ -12,7 +12,7 @@ from ml_collections import ConfigDict
 
 from m3d_jax.data.med2e3_samples import Med2E3SampleSpec, Med2E3Tokenizers
 from m3d_jax.models.med2e3 import Med2E3, Med2E3Config, med2e3_loss
-from m3d_jax.train.tasks import Task, augment_config, decoder_config, on_host, place
+from m3d_jax.train.tasks import Task, augment_config, decoder_config, on_host, place, volume_batch
 
 INPUTS = {"images": 5, "input_ids": 2, "attention_mask": 2, "labels": 2, "image_starts": 1, "question_ids": 2,
           "question_mask": 2}
@@ -34,12 +34,15 @@ def build_tokenizers(config: ConfigDict) -> Med2E3Tokenizers:
     return Med2E3Tokenizers(llm, AutoTokenizer.from_pretrained(tokenizer_folder(config.text_tokenizer)))
 
 
-def med2e3_config(model: ConfigDict, tokenizers: Med2E3Tokenizers) -> Med2E3Config:
-    """The model section → Med2E3Config; the decoder's vocabulary covers the LLM tokenizer. The image
-    placeholder is `model.image_token_id`, or for a tokenizer with LaMed's `<im_patch>` that token."""
+def med2e3_config(model: ConfigDict, tokenizers: Med2E3Tokenizers | None) -> Med2E3Config:
+    """The model section → Med2E3Config; the decoder's vocabulary covers the LLM tokenizer (the preset's
+    without one). The image placeholder is `model.image_token_id`, or for a tokenizer with LaMed's
+    `<im_patch>` that token."""
     values = model.to_dict()
-    vocab = max(len(tokenizers.llm), decoder_config(values.get("decoder", {})).vocab_size)
+    vocab = max(len(tokenizers.llm) if tokenizers else 0, decoder_config(values.get("decoder", {})).vocab_size)
     values["decoder"] = dataclasses.asdict(decoder_config(values.get("decoder", {}), vocab_size=vocab))
+    if tokenizers is None:
+        return Med2E3Config.from_dict(values)
     if "<im_patch>" in tokenizers.llm.get_vocab():
         values["image_token_id"] = tokenizers.llm.convert_tokens_to_ids("<im_patch>")
     config = Med2E3Config.from_dict(values)
@@ -49,11 +52,22 @@ def med2e3_config(model: ConfigDict, tokenizers: Med2E3Tokenizers) -> Med2E3Conf
     return config
 
 
-def build(config: ConfigDict):
-    """(tokenizers, Med2E3Config, model factory) of a training config."""
-    tokenizers = build_tokenizers(config)
+def build(config: ConfigDict, without_tokenizer: bool = False):
+    """(tokenizers, Med2E3Config, model factory) of a training config; `without_tokenizer`: the released
+    vocabulary (Phi-3's, unchanged) and no tokenizer."""
+    tokenizers = None if without_tokenizer else build_tokenizers(config)
     model_config = med2e3_config(config.model, tokenizers)
     return tokenizers, model_config, lambda: Med2E3(model_config, rngs=nnx.Rngs(config.seed))
+
+
+def batch_shapes(config: ConfigDict, model_config: Med2E3Config) -> dict:
+    """Volumes [B, 1, D, H, W] float32; ids, mask, labels [B, max_length], question ids and mask
+    [B, question_length], image start [B], all int32."""
+    data = config.data
+    tokens, question = ((int(data.max_length),), np.int32), ((int(data.question_length),), np.int32)
+    vision = model_config.vision3d.vision
+    return volume_batch(config, vision.in_channels, vision.image_size, input_ids=tokens, attention_mask=tokens,
+                        labels=tokens, image_starts=((), np.int32), question_ids=question, question_mask=question)
 
 
 def load_pretrained(model: Med2E3, init: ConfigDict, mesh) -> None:
@@ -151,5 +165,5 @@ def export(model: Med2E3, tokenizers: Med2E3Tokenizers, folder: str) -> None:
     tokenizers.llm.save_pretrained(folder)
 
 
-TASK = Task(name="med2e3", inputs=INPUTS, build=build, load_pretrained=load_pretrained, loss=med2e3_loss,
+TASK = Task(name="med2e3", inputs=INPUTS, build=build, batch_shapes=batch_shapes, load_pretrained=load_pretrained, loss=med2e3_loss,
             sample_spec=sample_spec, eval_metric="lm_loss", evaluate=evaluate, export=export)

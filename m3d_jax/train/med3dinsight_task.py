@@ -11,15 +11,22 @@ from ml_collections import ConfigDict
 
 from m3d_jax.data.insight_samples import InsightSampleSpec
 from m3d_jax.models.med3dinsight import Med3DInsight, Med3DInsightConfig, med3dinsight_loss, plan_diagonal_mass
-from m3d_jax.train.tasks import Task, count_samples, on_host, place
+from m3d_jax.train.tasks import Task, count_samples, on_host, place, volume_batch
 
 INPUTS = {"images": 5, "plane": 1, "slice_index": 1, "image_embedding": 2, "text_embedding": 2}
 
 
-def build(config: ConfigDict):
-    """(None, Med3DInsightConfig, model factory) of a training config."""
+def build(config: ConfigDict, without_tokenizer: bool = False):
+    """(None, Med3DInsightConfig, model factory) of a training config (it has no tokenizer)."""
     model_config = Med3DInsightConfig.from_dict(config.model.to_dict())
     return None, model_config, lambda: Med3DInsight(model_config, rngs=nnx.Rngs(config.seed))
+
+
+def batch_shapes(config: ConfigDict, model_config: Med3DInsightConfig) -> dict:
+    """Crops [B, C, *crop] float32; plane and slice index [B] int32; 2D embeddings [B, out_dim] float32."""
+    index, embedding = ((), np.int32), ((model_config.psat.out_dim,), np.float32)
+    return volume_batch(config, model_config.in_channels, model_config.crop_size, plane=index, slice_index=index,
+                        image_embedding=embedding, text_embedding=embedding)
 
 
 def load_pretrained(model: Med3DInsight, init: ConfigDict, mesh) -> None:
@@ -76,6 +83,6 @@ def export(model: Med3DInsight, tokenizer, folder: str) -> None:
     export_med3dinsight(model, os.path.join(folder, "model.pth"))
 
 
-TASK = Task(name="med3dinsight", inputs=INPUTS, build=build, load_pretrained=load_pretrained,
+TASK = Task(name="med3dinsight", inputs=INPUTS, build=build, batch_shapes=batch_shapes, load_pretrained=load_pretrained,
             loss=med3dinsight_loss, sample_spec=sample_spec, eval_metric="loss", evaluate=evaluate, export=export,
             unit="samples", count=count_samples)

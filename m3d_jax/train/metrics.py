@@ -1,5 +1,5 @@
-"""Training metrics: a FLOP count of the compiled step, MFU against the accelerator's peak, and one writer
-that sends scalars to the console (progress bar), TensorBoard and a JSONL file (primary process only)."""
+"""Training metrics: one writer that sends scalars to the console (progress bar), TensorBoard and a JSONL
+file (primary process only). FLOPs and utilisation are in `flops.py`."""
 
 from __future__ import annotations
 
@@ -8,46 +8,7 @@ import os
 import time
 from collections.abc import Mapping
 
-import jax
-
-# Dense bf16 peak FLOP/s per chip (vendor figures), matched against `device.device_kind` by substring.
-PEAK_FLOPS = (
-    ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v4", 275e12),
-    ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12),
-)
-
-
-def peak_flops(device: jax.Device | None = None, override: float = 0.0) -> float | None:
-    """The device's peak FLOP/s (bf16 dense), `override` if positive; None when unknown (e.g. CPU)."""
-    if override > 0:
-        return override
-    kind = (device or jax.devices()[0]).device_kind
-    for name, flops in PEAK_FLOPS:
-        if name.lower() in kind.lower():
-            return flops
-    return None
-
-
-def step_flops(lowered: jax.stages.Lowered) -> float | None:
-    """FLOPs of one step over the whole (global) batch, from XLA's cost analysis of the lowered program
-    (it counts what runs, including rematerialised recomputation, so MFU here is a hardware-FLOPs view)."""
-    try:
-        analysis = lowered.cost_analysis()
-    except Exception:  # noqa: BLE001 — some backends cannot analyse before compilation
-        return None
-    if isinstance(analysis, list | tuple):
-        analysis = analysis[0] if analysis else None
-    flops = (analysis or {}).get("flops")
-    return float(flops) if flops and flops > 0 else None
-
-
-def mfu(flops_per_step: float | None, seconds_per_step: float, num_devices: int, peak: float | None) -> float | None:
-    if not flops_per_step or not peak or seconds_per_step <= 0:
-        return None
-    return flops_per_step / seconds_per_step / (peak * num_devices)
-
-
-_SHOWN = ("loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "mfu", "accuracy")  # on the progress bar
+_SHOWN = ("loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "mfu", "hfu", "accuracy")  # on the progress bar
 
 
 class MetricWriter:

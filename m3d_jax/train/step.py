@@ -1,5 +1,5 @@
-"""Trainable masks per training stage and the jitted train step (frozen parameters get no gradient and
-no optimiser state)."""
+"""Trainable masks per training stage, the optimiser and LoRA a config asks for, and the jitted train
+step (frozen parameters get no gradient and no optimiser state) that the trainer and the planner run."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh
+from ml_collections import ConfigDict
 
-from m3d_jax.sharding import activation_mesh
-from m3d_jax.train.lora import LoraParam, lora_dropout
+from m3d_jax.sharding import activation_mesh, batch_sharding
+from m3d_jax.train.lora import LoraConfig, LoraParam, lora_dropout
+from m3d_jax.train.optim import OptimConfig
+from m3d_jax.train.tasks import Task
 
 # Parameter-path prefixes trained in each stage (REFERENCE §1.7, §3).
 STAGES: dict[str, tuple[str, ...]] = {
@@ -80,3 +83,24 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, wrt: nnx.filterli
 
     return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings, None),
                    out_shardings=(state_shardings, None), donate_argnums=(0,))
+
+
+def lora_of(config: ConfigDict) -> LoraConfig | None:
+    """The config's LoRA, or None when it trains without adapters (no section or rank 0)."""
+    section = config.get("lora")
+    return LoraConfig(**section) if section is not None and section.rank > 0 else None
+
+
+def optimizer_of(config: ConfigDict) -> tuple[OptimConfig, Any]:
+    """(optimiser config, trainable filter) of a config: what trains at its stage, with or without LoRA."""
+    optim = OptimConfig(**{**config.optim.to_dict(),
+                           "total_steps": max(1, config.total_steps // config.optim.get("accumulation_steps", 1))})
+    return optim, trainable(config.stage, lora=lora_of(config) is not None)
+
+
+def task_step(task: Task, graphdef: nnx.GraphDef, wrt: Any, shardings: Any, mesh: jax.sharding.Mesh) -> Any:
+    """The jitted train step of a task: the state laid out by `shardings` (donated), the batch (the task's
+    inputs) over the data axes, activations constrained on `mesh`. The trainer and the planner both run it."""
+    batch_shardings = {key: batch_sharding(mesh, ndim) for key, ndim in task.inputs.items()}
+    return make_train_step(graphdef, task.loss, wrt, state_shardings=shardings, batch_shardings=batch_shardings,
+                           mesh=mesh)

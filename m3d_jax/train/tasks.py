@@ -10,6 +10,8 @@ import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 from ml_collections import ConfigDict
 
@@ -30,8 +32,10 @@ def count_samples(batch: Mapping[str, Any]) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """name; inputs: batch key → rank of what the model takes; build(config) → (tokenizer, model config,
-    model factory); load_pretrained(model, config.init, mesh); loss(model, batch, rngs) → (loss, metrics);
+    """name; inputs: batch key → rank of what the model takes; build(config, without_tokenizer=False) →
+    (tokenizer, model config, model factory), with `without_tokenizer` sized as the released checkpoints
+    and reading no file (for planning); batch_shapes(config, model config) → the global batch the step
+    takes, as ShapeDtypeStructs (what the data pipeline yields); load_pretrained(model, config.init, mesh); loss(model, batch, rngs) → (loss, metrics);
     sample_spec(config, model_config, train) → a data spec whose `transform` makes samples; eval_metric:
     the loss metric reported on the eval sources; evaluate(model, run, config) → task metrics (e.g.
     closed-VQA accuracy, retrieval recall); export(model, tokenizer, folder): the released PyTorch
@@ -40,7 +44,8 @@ class Task:
 
     name: str
     inputs: Mapping[str, int]
-    build: Callable[[ConfigDict], tuple[Any, Any, Callable[[], nnx.Module]]]
+    build: Callable[..., tuple[Any, Any, Callable[[], nnx.Module]]]
+    batch_shapes: Callable[[ConfigDict, Any], dict[str, jax.ShapeDtypeStruct]]
     load_pretrained: Callable[[nnx.Module, ConfigDict, Any], None]
     loss: Callable
     sample_spec: Callable[..., Any]
@@ -49,6 +54,15 @@ class Task:
     export: Callable[[nnx.Module, Any, str], None]
     unit: str = "tokens"
     count: Callable[[Mapping[str, Any]], int] = count_text_tokens
+
+
+def volume_batch(config: ConfigDict, channels: int, image_size, **arrays: tuple) -> dict[str, jax.ShapeDtypeStruct]:
+    """A global batch of `config.data.batch_size` float32 volumes [B, channels, *image_size] ("images") plus
+    `arrays`: name → (per-sample shape, dtype)."""
+    size = int(config.data.batch_size)
+    shapes = {"images": jax.ShapeDtypeStruct((size, channels, *image_size), jnp.float32)}
+    shapes.update({name: jax.ShapeDtypeStruct((size, *shape), dtype) for name, (shape, dtype) in arrays.items()})
+    return shapes
 
 
 def get_task(name: str) -> Task:
@@ -82,14 +96,11 @@ def augment_config(setting):
 
 def on_host():
     """A context placing eagerly created arrays in host memory (loading pretrained weights)."""
-    import jax
-
     return jax.default_device(jax.local_devices(backend="cpu")[0])
 
 
 def place(module: nnx.Module, loaded: nnx.Module, name: str, source: str, mesh) -> None:
     """Copies a loaded (host) module's parameters into a sharded module of the same structure."""
-    import jax
     import numpy as np
 
     from m3d_jax.sharding import state_shardings

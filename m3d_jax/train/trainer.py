@@ -23,12 +23,14 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from m3d_jax.data.pipeline import build_mixture, iterate, to_global_arrays
-from m3d_jax.sharding import MeshConfig, batch_sharding, create_sharded, make_mesh, replicate_strays, shard_model
+from m3d_jax.sharding import MeshConfig, create_sharded, make_mesh, replicate_strays, shard_model
 from m3d_jax.train.checkpoints import Checkpoints, abstract_like
-from m3d_jax.train.lora import LoraConfig, apply_lora
-from m3d_jax.train.metrics import MetricWriter, mfu, peak_flops, step_flops
+from m3d_jax.train.flops import peak_flops, step_flops, utilisation
+from m3d_jax.train.lora import apply_lora
+from m3d_jax.train.metrics import MetricWriter
 from m3d_jax.train.optim import OptimConfig, make_optimizer, schedule
-from m3d_jax.train.step import make_train_step, trainable
+from m3d_jax.train.plan import unsharded_hardware_flops
+from m3d_jax.train.step import lora_of, optimizer_of, task_step
 from m3d_jax.train.tasks import Task, get_task
 
 KILL_AT_SAVE = "M3D_JAX_FAULT_KILL_AT_SAVE"  # fault injection for tests: SIGKILL right after this step's save starts
@@ -57,29 +59,24 @@ def setup(config: ConfigDict) -> Setup:
     task = get_task(config.get("task", "lamed"))
     mesh = make_mesh(MeshConfig(**config.mesh))
     tokenizer, model_config, make_model = task.build(config)
-    lora_config = config.get("lora")
-    lora = LoraConfig(**lora_config) if lora_config is not None and lora_config.rank > 0 else None
+    lora = lora_of(config)
     model = create_sharded(make_model, mesh)
     task.load_pretrained(model, config.get("init", ConfigDict()), mesh)
     if lora is not None:
         apply_lora(model, lora, rngs=nnx.Rngs(config.seed + 1))
         model = shard_model(model, mesh)
-    optim = OptimConfig(**{**config.optim.to_dict(),
-                           "total_steps": max(1, config.total_steps // config.optim.get("accumulation_steps", 1))})
-    wrt = trainable(config.stage, lora=lora is not None)
+    optim, wrt = optimizer_of(config)
     optimizer = nnx.Optimizer(model, make_optimizer(optim), wrt=wrt)
     replicate_strays(optimizer, mesh)
     return Setup(task, mesh, tokenizer, model_config, model, optimizer, optim, wrt)
 
 
 def compiled_step(run: Setup) -> tuple[nnx.GraphDef, nnx.State, Any]:
-    """The run's (model, optimizer) split into graph and state, and the jitted step laid out by the state's
-    shardings and the batch's (the task's inputs over the data axes)."""
+    """The run's (model, optimizer) split into graph and state, and its `task_step` laid out by the state's
+    shardings."""
     graphdef, state = nnx.split((run.model, run.optimizer))
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    batch_shardings = {key: batch_sharding(run.mesh, ndim) for key, ndim in run.task.inputs.items()}
-    return graphdef, state, make_train_step(graphdef, run.task.loss, run.wrt, state_shardings=shardings,
-                                            batch_shardings=batch_shardings, mesh=run.mesh)
+    return graphdef, state, task_step(run.task, graphdef, run.wrt, shardings, run.mesh)
 
 
 def train(config: ConfigDict, workdir: str) -> dict[str, float]:
@@ -90,6 +87,7 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
     run = setup(config)
     mesh, model_config = run.mesh, run.model_config
     graphdef, state, step_fn = compiled_step(run)
+    shardings = jax.tree.map(lambda x: x.sharding, state)
     del run.model, run.optimizer
 
     _ensure_phantoms(config.data, primary)
@@ -129,7 +127,11 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
             batch = to_global_arrays({k: host_batch[k] for k in run.task.inputs}, mesh)
             key = jax.random.fold_in(base_key, step)
             if flops is None:
-                flops = step_flops(step_fn.lower(state, batch, key)) or 0.0
+                flops = step_flops(run.task.loss, graphdef, state, batch, key,
+                                   lambda: task_step(run.task, graphdef, run.wrt, shardings, mesh))
+                if flops.hardware is None:  # TPU: XLA analyses no program before compiling it
+                    flops = dataclasses.replace(flops, hardware=unsharded_hardware_flops(config))
+                writer.message(f"FLOPs per step: model {flops.model:.4g}, hardware {flops.hardware or 0:.4g}")
             state, metrics = step_fn(state, batch, key)
             step += 1
             window.add(run.task.count(host_batch) * processes)
@@ -148,7 +150,8 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
                 scalars = {k: float(v) for k, v in metrics.items() if k != "finite"}
                 scalars.update(lr=float(lr(max(0, (step - 1) // run.optim_config.accumulation_steps))),
                                step_time_s=seconds, **{f"{run.task.unit}_per_s": window.per_s()},
-                               mfu=mfu(flops, seconds, jax.device_count(), peak))
+                               mfu=utilisation(flops.model, seconds, jax.device_count(), peak),
+                               hfu=utilisation(flops.hardware, seconds, jax.device_count(), peak))
                 writer.write(step, scalars)
                 window.reset()
             if ckpt.due(step) and ckpt.save(step, nnx.to_pure_dict(state), iterator, meta):

@@ -1,5 +1,5 @@
-"""Training-step benchmark for any LaMed training config on the devices present: step time, tokens/s and
-MFU (XLA's FLOP count of the step against the chip's bf16 peak). On CPU it also times the same model's
+"""Training-step benchmark for any LaMed training config on the devices present: step time, tokens/s, MFU
+and HFU (model and hardware FLOPs of the step, m3d_jax/train/flops.py, against the chip's bf16 peak). On CPU it also times the same model's
 training step in PyTorch (MONAI ViT + transformers LLM, same weights, same batch, AdamW) and prints the ratio.
 
   python tools/bench/train_step.py --config=configs/demo.py --config.mesh.data=1 --config.mesh.fsdp=1 \\
@@ -39,13 +39,15 @@ def _time_jax(config, run, batch):
     import jax
 
     from m3d_jax.data.pipeline import to_global_arrays
-    from m3d_jax.train.metrics import mfu, peak_flops, step_flops
-    from m3d_jax.train.trainer import compiled_step
+    from m3d_jax.train.flops import peak_flops, step_flops, utilisation
+    from m3d_jax.train.trainer import compiled_step, task_step
 
-    _, state, step = compiled_step(run)
+    graphdef, state, step = compiled_step(run)
     arrays = to_global_arrays(batch, run.mesh)
     key = jax.random.key(0)
-    flops = step_flops(step.lower(state, arrays, key))
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    flops = step_flops(run.task.loss, graphdef, state, arrays, key,
+                       lambda: task_step(run.task, graphdef, run.wrt, shardings, run.mesh))
     holder = {"state": state}
 
     def one_step():
@@ -54,7 +56,8 @@ def _time_jax(config, run, batch):
 
     seconds = median_seconds(one_step, _REPEATS.value)
     peak = peak_flops(override=config.get("peak_flops_per_device", 0.0))
-    return seconds, flops, mfu(flops, seconds, jax.device_count(), peak)
+    return seconds, flops, [utilisation(count, seconds, jax.device_count(), peak)
+                            for count in (flops.model, flops.hardware)]
 
 
 def _torch_model(run):
@@ -108,14 +111,16 @@ def main(argv):
     device = jax.devices()[0]
     use_torch = _TORCH.value == "yes" or (_TORCH.value == "auto" and device.platform == "cpu")
     torch_model = _torch_model(run) if use_torch else None
-    seconds, flops, utilisation = _time_jax(config, run, batch)
+    seconds, flops, utilisations = _time_jax(config, run, batch)
     print(f"{device.platform} {device.device_kind} × {jax.device_count()}, mesh {dict(run.mesh.shape)}, "
           f"batch {config.data.batch_size} × {config.data.max_length} tokens, stage {config.stage}")
     line = f"JAX step {seconds * 1e3:.1f} ms, {tokens / seconds:.0f} tokens/s"
-    if flops:
-        line += f", {flops / 1e9:.2f} GFLOP/step = {flops / seconds / 1e9:.1f} GFLOP/s"
-    if utilisation is not None:
-        line += f", MFU {100 * utilisation:.1f}%"
+    line += f", model {flops.model / 1e9:.2f} GFLOP/step = {flops.model / seconds / 1e9:.1f} GFLOP/s"
+    if flops.hardware:
+        line += f", hardware {flops.hardware / 1e9:.2f} GFLOP/step"
+    for name, value in zip(("MFU", "HFU"), utilisations):
+        if value is not None:
+            line += f", {name} {100 * value:.1f}%"
     print(line)
     if torch_model is not None:
         if jax.device_count() > 1:
