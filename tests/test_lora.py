@@ -4,6 +4,7 @@ logical shardings."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
 from m3d_jax.layers.params import Buffer, logical_axes
@@ -177,3 +179,35 @@ def test_lora_params_carry_logical_axes_for_sharding():
     assert all(isinstance(sharding.get_value(), NamedSharding) for _, sharding in shardings)
     sharded = create_sharded(make, real_mesh)
     assert isinstance(sharded.layers.mlp.down_proj.lora.a[...].sharding, NamedSharding)
+
+
+def test_adapters_add_no_saved_activations_under_the_dots_policy(capsys):
+    """The rank-r path is rematerialised: with dots_no_batch remat, a LoRA decoder keeps (almost) what the
+    plain decoder keeps for the backward pass, not a second copy of every projection's output."""
+    config = dataclasses.replace(tiny_phi3(), num_layers=4, scan_layers=True, remat="dots_no_batch",
+                                 dtype="bfloat16", hidden_size=128, intermediate_size=256, head_dim=32)
+    ids = jnp.ones((2, 32), jnp.int32)
+
+    def saved_bytes(lora: bool) -> int:
+        model = Decoder(config, rngs=nnx.Rngs(0))
+        if lora:
+            apply_lora(model, LoraConfig(rank=4, dropout=0.1, under=""), rngs=nnx.Rngs(1))
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss(params):
+            with lora_dropout(jax.random.key(0)):
+                return nnx.merge(graphdef, params, rest)(ids).logits.mean()
+
+        capsys.readouterr()
+        print_saved_residuals(loss, params)  # one line per residual: "bf16[2,32,64] from ..."
+        total = 0
+        for line in capsys.readouterr().out.splitlines():
+            found = re.match(r"(\w+)\[([\d,]*)\]", line)
+            if found and "from the argument" not in line:
+                dims = [int(d) for d in found.group(2).split(",") if d]
+                total += int(np.prod(dims)) * jnp.dtype(found.group(1).replace("bf16", "bfloat16").replace(
+                    "f32", "float32").replace("i32", "int32").replace("u32", "uint32")).itemsize
+        return total
+
+    plain, adapted = saved_bytes(False), saved_bytes(True)
+    assert adapted < 1.1 * plain, (plain, adapted)

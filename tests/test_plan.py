@@ -44,6 +44,15 @@ def test_plan_for_simulated_cpu_devices_reports_memory_flops_and_time(tmp_path):
     assert "sharding audit" in result.stdout and "FLOPs per step" in result.stdout
 
 
+def test_plan_counts_hardware_flops_of_scanned_stacks_once_per_layer(tmp_path):
+    _, looped = _plan(DEMO, "--target=cpu:8", out=tmp_path / "looped.json")
+    _, scanned = _plan(DEMO, "--target=cpu:8", "--config.model.vision.scan_layers=True",
+                       "--config.model.vision.num_layers=4", out=tmp_path / "scanned.json")
+    _, deeper = _plan(DEMO, "--target=cpu:8", "--config.model.vision.num_layers=4", out=tmp_path / "deeper.json")
+    assert scanned["hardware_flops_per_step"] == pytest.approx(deeper["hardware_flops_per_step"], rel=0.05)
+    assert scanned["model_flops_per_step"] == deeper["model_flops_per_step"] > looped["model_flops_per_step"]
+
+
 def test_plan_counts_the_same_parameters_as_the_trainer(tmp_path):
     """The planner's abstract build (no tokenizer file, LoRA applied) against the trainer's real model."""
     script = (

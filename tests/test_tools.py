@@ -62,7 +62,8 @@ def test_benchmarks_run_at_small_sizes(tmp_path):
     assert re.search(r"^torch2jax\s+[\d.]+\s+\d+", convert, re.M), convert
     step = _run("tools/bench/train_step.py", "--config=configs/demo.py", "--config.mesh.data=1", "--config.mesh.fsdp=1",
                 "--config.mesh.tensor=1", "--config.cpu_devices=0", "--config.data.batch_size=2", "--repeats=1")
-    assert re.search(r"JAX step [\d.]+ ms, \d+ tokens/s, [\d.]+ GFLOP/step", step), step
+    assert re.search(r"JAX step [\d.]+ ms, \d+ tokens/s, model [\d.]+ GFLOP/step = [\d.]+ GFLOP/s, hardware "
+                     r"[\d.]+ GFLOP/step", step), step
     assert re.search(r"JAX is [\d.]+× PyTorch", step), step
 
 

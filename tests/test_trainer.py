@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 import socket
 import subprocess
@@ -60,9 +61,17 @@ def _finished_steps(workdir) -> list[int]:
 def test_demo_short_run_trains_evaluates_and_exports(phantom_root, tmp_path):
     """The README's main job, a few steps: loss falls, eval runs, Orbax checkpoint and PyTorch export exist."""
     result = _train(tmp_path, phantom_root, "--config.total_steps=12", "--config.log_every=4",
-                    "--config.eval.vqa_samples=6", "--config.eval.loss_batches=1", "--config.progress=False")
+                    "--config.eval.vqa_samples=6", "--config.eval.loss_batches=1", "--config.progress=False",
+                    "--config.peak_flops_per_device=1e9")
     losses = _losses(tmp_path)
     assert losses[12] < losses[4], losses
+    # MFU from model FLOPs, HFU from hardware FLOPs, both against the given peak on 8 devices
+    found = re.search(r"FLOPs per step: model ([\d.e+]+), hardware ([\d.e+]+)", result.stdout + result.stderr)
+    model, hardware = float(found.group(1)), float(found.group(2))
+    assert model > 0 and hardware > 0
+    row = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"train"' in line][-1]
+    assert row["mfu"] == pytest.approx(model / (row["step_time_s"] * 1e9 * 8), rel=1e-3)
+    assert row["hfu"] / row["mfu"] == pytest.approx(hardware / model, rel=1e-3)
     assert "final eval: lm_loss" in result.stdout + result.stderr
     evals = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"eval"' in line]
     assert 0.0 <= evals[-1]["vqa_closed_accuracy"] <= 1.0 and np.isfinite(evals[-1]["lm_loss"])

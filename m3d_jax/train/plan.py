@@ -125,7 +125,12 @@ class AbstractRun:
     state: nnx.State  # (model, optimizer), ShapeDtypeStructs with shardings
     wrt: Any
     batch: dict[str, jax.ShapeDtypeStruct]
-    step: Any  # the trainer's jitted step (train/trainer.py:task_step)
+    shardings: nnx.State
+
+    def step(self) -> Any:
+        """A fresh jit of the trainer's step (train/step.py:task_step): a fresh trace each time it is lowered,
+        so a lowering under `unrolled_scans` is not served from the cache of a scanned one."""
+        return task_step(self.task, self.graphdef, self.wrt, self.shardings, self.mesh)
 
 
 def abstract_run(config: ConfigDict, target: Target) -> AbstractRun:
@@ -156,8 +161,7 @@ def abstract_run(config: ConfigDict, target: Target) -> AbstractRun:
     missing = sorted(set(task.inputs) - set(batch))
     if missing:
         raise PlanError(f"task {task.name}: batch_shapes lacks the step's inputs {missing}")
-    return AbstractRun(task, mesh, model_config, graphdef, state, wrt, batch,
-                       task_step(task, graphdef, wrt, shardings, mesh))
+    return AbstractRun(task, mesh, model_config, graphdef, state, wrt, batch, shardings)
 
 
 def unsharded_hardware_flops(config: ConfigDict) -> float | None:
@@ -167,7 +171,7 @@ def unsharded_hardware_flops(config: ConfigDict) -> float | None:
     single.mesh = ConfigDict(dict(data=1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
     run = abstract_run(single, Target("cpu:1", jax.devices("cpu")[:1]))
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-    return hardware_flops(lambda: run.step, run.state, run.batch, key)
+    return hardware_flops(run.step, run.state, run.batch, key)
 
 
 def _mesh_config(config: ConfigDict, target: Target) -> MeshConfig:
@@ -192,7 +196,7 @@ def plan(config: ConfigDict, target: Target, *, headroom: float = HEADROOM,
     "Planning a run"). `config.peak_flops_per_device` > 0 overrides the device's peak."""
     run = abstract_run(config, target)
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=NamedSharding(run.mesh, PartitionSpec()))
-    lowered = run.step.lower(run.state, run.batch, key)
+    lowered = run.step().lower(run.state, run.batch, key)
     memory, compile_error = None, None
     try:
         memory = lowered.compile().memory_analysis()
@@ -200,7 +204,7 @@ def plan(config: ConfigDict, target: Target, *, headroom: float = HEADROOM,
         if "RESOURCE_EXHAUSTED" not in str(error):
             raise
         compile_error = str(error).strip().splitlines()[0]
-    flops = step_flops(run.task.loss, run.graphdef, run.state, run.batch, key, lambda: run.step)
+    flops = step_flops(run.task.loss, run.graphdef, run.state, run.batch, key, run.step)
     if flops.hardware is None:  # TPU: XLA analyses no program before compiling it
         flops = dataclasses.replace(flops, hardware=unsharded_hardware_flops(config))
     parts = state_bytes(run)
@@ -211,8 +215,10 @@ def plan(config: ConfigDict, target: Target, *, headroom: float = HEADROOM,
                       "code": memory.generated_code_size_in_bytes}
         per_device["total"] = (per_device["arguments"] + per_device["temporaries"] + per_device["outputs"]
                                - per_device["aliased"] + per_device["code"])
-    else:
-        per_device = {"total": _required_bytes(compile_error)}
+    else:  # the compiler names the temporaries it needed; the arguments are the state and the batch
+        temporaries = _required_bytes(compile_error) or 0
+        arguments = sum(_shard_bytes(x) for x in jax.tree.leaves((run.state, run.batch)))
+        per_device = {"arguments": arguments, "temporaries": temporaries, "total": arguments + temporaries}
     fits = memory is not None and (device_memory is None or per_device["total"] <= (1 - headroom) * device_memory)
     peak = peak_flops(target.devices[0], override=config.get("peak_flops_per_device", 0.0),
                       devices_per_chip=target.devices_per_chip)

@@ -131,7 +131,7 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
                                    lambda: task_step(run.task, graphdef, run.wrt, shardings, mesh))
                 if flops.hardware is None:  # TPU: XLA analyses no program before compiling it
                     flops = dataclasses.replace(flops, hardware=unsharded_hardware_flops(config))
-                writer.message(f"FLOPs per step: model {flops.model:.4g}, hardware {flops.hardware or 0:.4g}")
+                writer.message(f"FLOPs per step: model {flops.model:.6g}, hardware {flops.hardware or 0:.6g}")
             state, metrics = step_fn(state, batch, key)
             step += 1
             window.add(run.task.count(host_batch) * processes)
