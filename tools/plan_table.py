@@ -7,11 +7,13 @@
 --search walks each family's slices from small to large and stops at the first that fits; a slice whose
 parameters, optimizer state and gradients alone exceed its memory is skipped without compiling (the
 reports say so). Reports land in tools/plans/ (one JSON per recipe and target; existing ones are reused,
---force recompiles). Add --only=NAME to restrict to recipes whose key contains NAME.
+--force recompiles). --only=NAME restricts to recipes whose key contains NAME, --family=v5e|v5p to one family.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import json
 import os
 import re
@@ -49,6 +51,7 @@ _SCALING = flags.DEFINE_bool("scaling", False, "plan the scaling table")
 _README = flags.DEFINE_bool("readme", False, "rewrite the README tables from tools/plans")
 _FORCE = flags.DEFINE_bool("force", False, "recompile plans that exist")
 _ONLY = flags.DEFINE_string("only", "", "only recipes whose key contains this")
+_FAMILY = flags.DEFINE_string("family", "", "only this slice family (v5e or v5p)")
 
 GIB = 1024**3
 
@@ -77,16 +80,46 @@ def _run_plan(key: str, config: str, overrides, target: str) -> dict | None:
 
 def _state_alone_overflows(config: str, overrides, target: str) -> bool:
     """True when parameters + optimizer state + gradients per device exceed the target's memory (no compile)."""
-    from ml_collections import config_flags
-
     from m3d_jax.train.plan import abstract_run, resolve_target, state_bytes
 
-    holder = flags.FlagValues()
-    handle = config_flags.DEFINE_config_file("config", None, "", flag_values=holder, lock_config=False)
-    holder(["plan_table", f"--config={config}", *overrides])
     resolved = resolve_target(target)
-    parts = state_bytes(abstract_run(handle.value, resolved))["per_device"]
+    parts = state_bytes(abstract_run(_load_config(config, overrides), resolved))["per_device"]
     return sum(parts.values()) > (resolved.memory_bytes or float("inf"))
+
+
+def _load_config(spec: str, overrides):
+    """configs/FILE.py[:variant] with `--config.a.b=value` overrides applied (Python literals or strings)."""
+    path, _, variant = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("plan_table_config", ROOT / path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(variant) if variant else module.get_config()
+    for override in overrides:
+        keys, _, text = override.removeprefix("--config.").partition("=")
+        *parents, leaf = keys.split(".")
+        node = config
+        for key in parents:
+            node = node[key]
+        try:
+            node[leaf] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            node[leaf] = text
+    return config
+
+
+def _plannable(config: str, overrides, target: str) -> bool:
+    """False (and why, printed) when the run cannot be laid out on the target, e.g. a global batch smaller
+    than the slice's data-parallel ways."""
+    from m3d_jax.train.plan import PlanError
+
+    try:
+        overflows = _state_alone_overflows(config, overrides, target)
+    except PlanError as error:
+        print(f"{target}: {error}; skipped", flush=True)
+        return False
+    if overflows:
+        print(f"{target}: the state alone exceeds memory; skipped", flush=True)
+    return not overflows
 
 
 def search() -> None:
@@ -94,9 +127,10 @@ def search() -> None:
         if _ONLY.value not in key:
             continue
         for family, targets in SLICES.items():
+            if _FAMILY.value and family != _FAMILY.value:
+                continue
             for target in targets:
-                if not _path(key, target).exists() and _state_alone_overflows(config, overrides, target):
-                    print(f"{key} {target}: the state alone exceeds memory; skipped", flush=True)
+                if not _path(key, target).exists() and not _plannable(config, overrides, target):
                     continue
                 report = _run_plan(key, config, overrides, target)
                 if report is not None and report["fits"]:

@@ -26,6 +26,7 @@ from m3d_jax.layers import Dense, LayerNorm, Mlp, RematPolicy, run_stack, stacke
 from m3d_jax.layers.attention import AttentionImpl, attend
 from m3d_jax.layers.mlp import activation
 from m3d_jax.layers.params import canonical_dtype, normal, param
+from m3d_jax.sharding import RESIDUAL, constrain
 
 # transformers' SiglipVisionConfig defaults: a saved config.json leaves out the fields that equal them.
 HF_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -189,8 +190,8 @@ class SiglipEncoderLayer(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         normed = self.layer_norm1(x)
-        x = x + self.self_attn(normed, normed)
-        return x + self.mlp(self.layer_norm2(x))
+        x = constrain(x + self.self_attn(normed, normed), RESIDUAL)
+        return constrain(x + self.mlp(self.layer_norm2(x)), RESIDUAL)
 
 
 class SiglipPoolingHead(nnx.Module):
@@ -254,6 +255,9 @@ def encode_slices(model: SiglipVision, volume: jax.Array) -> jax.Array:
                          f"got {volume.shape}")
     batch, _, depth, height, width = volume.shape
     slices = rearrange(volume, "b c d h w -> (b d) c h w")
-    slices = jnp.broadcast_to(slices, (batch * depth, config.in_channels, height, width))
+    # B·D slices, batch-sharded: without this the compiler replicated the whole SigLIP pass (Med-2E3 stage 2
+    # needed ~385 GiB of temporaries per chip on any v5e slice)
+    slices = constrain(jnp.broadcast_to(slices, (batch * depth, config.in_channels, height, width)),
+                       ("batch", None, None, None))
     features = model(slices).features  # [B·D, num_patches, hidden]
     return features.reshape(batch, depth, *features.shape[1:])

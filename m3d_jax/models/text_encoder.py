@@ -18,6 +18,7 @@ from m3d_jax.config import dataclass_from_mapping
 from m3d_jax.layers import Dense, LayerNorm, Mlp, RematPolicy, run_stack, stacked
 from m3d_jax.layers.attention import AttentionImpl, attend
 from m3d_jax.layers.params import canonical_dtype, normal, param
+from m3d_jax.sharding import RESIDUAL, constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,8 +127,8 @@ class BertLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, *, mask: jax.Array) -> jax.Array:
         context = attend(self.query(x), self.key(x), self.value(x), mask=mask, implementation=self.attention_impl)
-        x = self.norm1(x + self.attn_out(context))
-        return self.norm2(x + self.mlp(x))
+        x = constrain(self.norm1(x + self.attn_out(context)), RESIDUAL)
+        return constrain(self.norm2(x + self.mlp(x)), RESIDUAL)
 
 
 class Bert(nnx.Module):
