@@ -94,9 +94,7 @@ def spec_for(names: Sequence[str | None] | None, shape: Sequence[int], mesh: Mes
     used: set[str] = set()
     spec = []
     for name, size in zip(names, shape):
-        target = table.get(name) if name is not None else None
-        axes = (target,) if isinstance(target, str) else tuple(target or ())
-        axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+        axes = tuple(a for a in _rule_axes(table, name) if a not in used and mesh.shape[a] > 1)
         if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
             used.update(axes)
             spec.append(axes[0] if len(axes) == 1 else axes)
@@ -109,11 +107,13 @@ def allowed_mesh_axes(names: Sequence[str | None] | None, mesh: Mesh, rules=LOGI
     """The mesh axes (of size > 1) an array with these logical names may be sharded over under the rules
     table, were every dimension divisible."""
     table = dict(rules)
-    allowed: set[str] = set()
-    for name in names or ():
-        target = table.get(name) if name is not None else None
-        allowed.update(a for a in ((target,) if isinstance(target, str) else tuple(target or ())) if mesh.shape[a] > 1)
-    return allowed
+    return {axis for name in names or () for axis in _rule_axes(table, name) if mesh.shape[axis] > 1}
+
+
+def _rule_axes(table: dict, name: str | None) -> tuple[str, ...]:
+    """The mesh axes the rules table maps a logical name to (none for None or an unlisted name)."""
+    target = table.get(name) if name is not None else None
+    return (target,) if isinstance(target, str) else tuple(target or ())
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules=LOGICAL_RULES) -> nnx.State:
