@@ -34,7 +34,7 @@ def _prepare_environment(argv: list[str]) -> None:
 
 _prepare_environment(sys.argv)
 
-from absl import app, flags  # noqa: E402 — after the environment above
+from absl import flags  # noqa: E402 — after the environment above
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config (file[:variant])", lock_config=False)
@@ -42,22 +42,15 @@ _TARGET = flags.DEFINE_string("target", None, "v5e:4x4, v5p:2x2x2, 2xv5e:16x16, 
 _OUT = flags.DEFINE_string("out", "", "write the report as JSON here")
 _HEADROOM = flags.DEFINE_float("headroom", 0.05, "fraction of device memory kept free for a plan to fit")
 _AUDIT_MIB = flags.DEFINE_float("audit_mib", 64, "list replicated or under-sharded arrays above this size per device")
-_DEBUG = flags.DEFINE_bool("debug", False, "show tracebacks instead of one-line errors")
 flags.mark_flags_as_required(["config", "target"])
 
 
 def main(argv):
     del argv
-    from m3d_jax.train.plan import PlanError, format_report, plan, resolve_target
+    from m3d_jax.train.plan import format_report, plan, resolve_target
 
-    try:
-        report = plan(_CONFIG.value, resolve_target(_TARGET.value), headroom=_HEADROOM.value,
-                      audit_bytes=int(_AUDIT_MIB.value * 1024**2))
-    except (PlanError, ValueError) as error:
-        if _DEBUG.value:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    report = plan(_CONFIG.value, resolve_target(_TARGET.value), headroom=_HEADROOM.value,
+                  audit_bytes=int(_AUDIT_MIB.value * 1024**2))
     print(format_report(report))
     if _OUT.value:
         folder = os.path.dirname(_OUT.value)
@@ -70,4 +63,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from m3d_jax.cli import run
+
+    run(main)

@@ -23,11 +23,12 @@ import numpy as np
 from flax import nnx
 
 from m3d_jax.convert.torch_io import CheckpointReader, TensorSpec, write_checkpoint
+from m3d_jax.errors import InputError
 
 Shape = tuple[int, ...]
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(InputError):
     """The checkpoint's keys, shapes or dtypes do not match the model the key map describes."""
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from m3d_jax.errors import InputError
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
@@ -32,7 +34,7 @@ _ST_TO_NUMPY = {
 _NUMPY_TO_ST = {v: k for k, v in _ST_TO_NUMPY.items()}
 
 
-class CheckpointReadError(ValueError):
+class CheckpointReadError(InputError):
     """A checkpoint file is missing, truncated, corrupt or not in a supported format."""
 
 

@@ -16,10 +16,18 @@ from absl import logging
 
 from m3d_jax.data.augment import AugmentConfig, augment, record_rng
 from m3d_jax.data.prompts import (
-    CAPTION_PROMPTS, REC_PROMPTS, REG_PROMPTS, SEGMENT_ANSWERS, SEGMENT_PROMPTS, box_from_mask, box_text, choose,
+    CAPTION_PROMPTS,
+    REC_PROMPTS,
+    REG_PROMPTS,
+    SEGMENT_ANSWERS,
+    SEGMENT_PROMPTS,
+    box_from_mask,
+    box_text,
+    choose,
     tokenize_sample,
 )
 from m3d_jax.data.volume import VolumeError, load_volume, prepare, prepare_mask
+from m3d_jax.errors import InputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +45,7 @@ class SampleSpec:
         return LamedTransform(tokenizer, self, seed, epoch_length)
 
 
-class RecordError(ValueError):
+class RecordError(InputError):
     """A record cannot be turned into a sample; the message names the file and the problem."""
 
 

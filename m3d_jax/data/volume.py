@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from m3d_jax import resize
+from m3d_jax.errors import InputError
 
 
-class VolumeError(ValueError):
+class VolumeError(InputError):
     """A volume file is missing, unreadable or has the wrong shape or values."""
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from m3d_jax.errors import InputError
+
 REQUIRED = {"image": 5, "input_ids": 2, "logits": 3}
 OPTIONAL = {"attention_mask": 2, "seg_logits": 5, "generated_ids": 2}
 # Per model kind: (required, optional) fields with their ranks.
@@ -25,7 +27,7 @@ FIELDS = {
 }
 
 
-class ReferenceFileError(ValueError):
+class ReferenceFileError(InputError):
     """A reference file is missing, unreadable, or lacks / mis-shapes a field."""
 
 

@@ -2,7 +2,7 @@
 
 Trains (or resumes) the run in DIR. Multi-host jobs start one such process per host (see launch/)."""
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py[:variant])",
@@ -32,4 +32,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from m3d_jax.cli import run
+
+    run(main)

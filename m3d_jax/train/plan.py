@@ -22,8 +22,15 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
+from m3d_jax.errors import InputError
 from m3d_jax.layers.params import logical_axes
-from m3d_jax.sharding import MeshConfig, allowed_mesh_axes, batch_sharding, make_mesh, state_shardings
+from m3d_jax.sharding import (
+    MeshConfig,
+    allowed_mesh_axes,
+    batch_sharding,
+    make_mesh,
+    state_shardings,
+)
 from m3d_jax.train.flops import hardware_flops, peak_flops, step_flops
 from m3d_jax.train.lora import apply_lora
 from m3d_jax.train.optim import make_optimizer
@@ -40,7 +47,7 @@ MFUS = (0.4, 0.5, 0.6)
 _TPU_TARGET = re.compile(r"^(?:(\d+)x)?(v\d+[a-z]*):(\d+(?:x\d+)*)$")
 
 
-class PlanError(ValueError):
+class PlanError(InputError):
     """A target, mesh or batch that cannot be planned (one line for the user)."""
 
 

@@ -1,0 +1,10 @@
+"""The base of every expected error: bad input from the user (a file, a folder, a config key), whose message
+names what is wrong. Entry points print these as one line (`m3d_jax.cli`); anything else is a bug."""
+
+
+class InputError(ValueError):
+    """Bad input; the message names the file or key and the problem, and says what to do where it can."""
+
+
+class ConfigError(InputError):
+    """A config value or key is wrong (unknown key, wrong type, a batch the mesh does not divide)."""
