@@ -48,7 +48,8 @@ def get_config(variant: str = "m3d") -> ConfigDict:
     config.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
     config.data = ConfigDict(dict(
         root="data/M3D-Data", batch_size=256, excerpt_tokens=512, skip_bad_records=True, augment=True, window=None,
-        threads=0, sources=[ConfigDict(dict(kind="cap", path="M3D_Cap/M3D_Cap.json", split="train", weight=1.0))]))
+        threads=0, max_consecutive_skips=1000,
+        sources=[ConfigDict(dict(kind="cap", path="M3D_Cap/M3D_Cap.json", split="train", weight=1.0))]))
     config.total_steps = 100 * 120_000 // 256
     config.update(run_options())
     config.eval = ConfigDict(dict(
@@ -76,6 +77,7 @@ def _phantoms(config: ConfigDict) -> None:
     config.mesh = ConfigDict(dict(data=2, fsdp=2, tensor=2, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
     config.data = ConfigDict(dict(
         root="data/phantoms", phantom_cases=2000, batch_size=32, excerpt_tokens=64, skip_bad_records=False,
+        max_consecutive_skips=1000,
         augment=dict(rotate90_prob=0.0, flip_prob=0.0, scale_prob=0.5, scale=0.1, shift_prob=0.5, shift=0.1),
         window=None, threads=0, sources=[ConfigDict(dict(kind="cap", path="cap.json", split="train", weight=1.0))]))
     config.total_steps = 300

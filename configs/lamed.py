@@ -57,7 +57,8 @@ def get_config(variant: str = "stage2_phi3") -> ConfigDict:
     config.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
 
     config.data = ConfigDict(dict(root="data/M3D-Data", batch_size=128 if stage == "stage1" else 64,
-                                  max_length=512, skip_bad_records=True, augment=True, window=None, threads=0))
+                                  max_length=512, skip_bad_records=True, max_consecutive_skips=1000, augment=True,
+                                  window=None, threads=0))
     if stage == "stage1":
         config.data.sources = [ConfigDict(dict(kind="cap", path="M3D_Cap/M3D_Cap.json", split="train", weight=1.0))]
     else:

@@ -65,7 +65,8 @@ def get_config(variant: str = "stage2") -> ConfigDict:
                                     ("vqa_open", "M3D_VQA/M3D_VQA_train.csv", "", 1.0)]
     config.data = ConfigDict(dict(
         root="data/M3D-Data", batch_size=64 if stage1 else 128, max_length=768, question_length=512,
-        template="pretrain" if stage1 else "phi", skip_bad_records=True, augment=True, window=None, threads=0,
+        template="pretrain" if stage1 else "phi", skip_bad_records=True, max_consecutive_skips=1000, augment=True,
+        window=None, threads=0,
         sources=[ConfigDict(dict(kind=k, path=p, split=s, weight=w)) for k, p, s, w in sources]))
     config.total_steps = 3 * 120_000 // 64 if stage1 else 10_000
     config.update(run_options())
@@ -100,7 +101,7 @@ def _phantoms(config: ConfigDict) -> None:
     config.mesh = ConfigDict(dict(data=2, fsdp=2, tensor=2, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
     config.data = ConfigDict(dict(
         root="data/phantoms", phantom_cases=2000, batch_size=16, max_length=128, question_length=32, template="phi",
-        skip_bad_records=False, window=None, threads=0,
+        skip_bad_records=False, max_consecutive_skips=1000, window=None, threads=0,
         augment=dict(rotate90_prob=0.0, flip_prob=0.0, scale_prob=0.5, scale=0.1, shift_prob=0.5, shift=0.1),
         sources=[ConfigDict(dict(kind=k, path=p, split=s, weight=w)) for k, p, s, w in (
             ("vqa_closed", "vqa_train.csv", "", 3.0), ("vqa_open", "vqa_train.csv", "", 2.0),

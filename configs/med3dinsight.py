@@ -46,7 +46,7 @@ def get_config(variant: str = "pretrain") -> ConfigDict:
                                    max_consecutive_nonfinite=10))
     config.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
     config.data = ConfigDict(dict(
-        root="data/insight", batch_size=10, skip_bad_records=True, window=None, threads=0,
+        root="data/insight", batch_size=10, skip_bad_records=True, max_consecutive_skips=1000, window=None, threads=0,
         sources=[ConfigDict(dict(kind="slices", path="insight.json", split="train", weight=1.0))]))
     config.total_steps = 100 * REFERENCE_EPOCH_STEPS
     config.update(run_options())

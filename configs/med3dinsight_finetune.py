@@ -48,6 +48,7 @@ def get_config(variant: str = "segment") -> ConfigDict:
     kind, path = ("label_map", "dataset.json") if segment else ("class_label", "dataset.json")
     config.data = ConfigDict(dict(
         root="data/Task02_Heart" if segment else "data/classification", batch_size=2, skip_bad_records=False,
+        max_consecutive_skips=1000,
         augment=dict(rotate90_prob=0.0, flip_prob=0.1, scale_prob=0.5, scale=0.1, shift_prob=0.5, shift=0.1),
         window=None, threads=0, sources=[ConfigDict(dict(kind=kind, path=path, split="training", weight=1.0))]))
     config.total_steps = 20_000

@@ -33,4 +33,6 @@ def run_options(*, log_every: int = 10, checkpoint_every: int = 1000, keep: int 
         export_pytorch=True,
         platform="",  # "" = JAX's default; "cpu" forces CPU
         cpu_devices=0,  # > 0: simulate this many CPU devices (set before JAX starts)
+        # guarded keys (data position, state structure) a resume may change: "data.batch_size,seed"
+        resume=ConfigDict(dict(allow_changes="")),
     )

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from m3d_jax.errors import ConfigError
 from m3d_jax.layers.params import logical_axes
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -171,6 +172,20 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     if mesh is None or mesh.size == 1:
         return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(names, x.shape, mesh)))
+
+
+def batch_ways(mesh: Mesh) -> int:
+    """How many ways a global batch is split: the data-parallel axes (data × fsdp, DCN included)."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def check_batch_sizes(mesh: Mesh, sizes: dict[str, int | None]) -> None:
+    """Refuses ({config key: global batch size}) sizes the mesh's data-parallel ways do not divide."""
+    ways = batch_ways(mesh)
+    for key, size in sizes.items():
+        if size is not None and (not isinstance(size, int) or size <= 0 or size % ways):
+            raise ConfigError(f"{key}={size}: a global batch must be a positive multiple of the mesh's {ways} "
+                              f"data-parallel ways (data × fsdp of mesh {dict(mesh.shape)})")
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -10,7 +10,7 @@ import pytest
 from conftest import word_tokenizer
 from m3d_jax.data.augment import AugmentConfig, augment, record_rng
 from m3d_jax.data.phantoms import write_phantoms
-from m3d_jax.data.pipeline import SampleSpec, source_dataset
+from m3d_jax.data.pipeline import SampleSpec, batched, source_dataset, source_samples
 from m3d_jax.data.prompts import box_from_mask, box_text, tokenize_sample
 from m3d_jax.data.sources import CaptionSource, VQASource
 from m3d_jax.data.volume import VolumeError, load_volume
@@ -168,7 +168,7 @@ def test_seg_refseg_and_positioning_samples(phantoms, tokenizer):
 def test_mixture_and_multiprocess_prefetch_give_the_same_batches(phantoms, tokenizer):
     from absl import flags
 
-    from m3d_jax.data.pipeline import batched, iterate, source_samples, mix
+    from m3d_jax.data.pipeline import iterate, mix
     from m3d_jax.data.sources import SegSource
 
     flags.FLAGS(["test"])  # grain reads absl flags
@@ -228,7 +228,7 @@ def _bad_inputs(root):
 
 
 def test_each_bad_input_names_the_file_or_is_counted_when_skipping(tmp_path, tokenizer):
-    from m3d_jax.data.pipeline import LamedTransform, RecordError, skipped_records
+    from m3d_jax.data.pipeline import BadRecordLog, LamedTransform, RecordError
     from m3d_jax.data.sources import _ListSource
 
     cases = _bad_inputs(tmp_path)
@@ -239,10 +239,11 @@ def test_each_bad_input_names_the_file_or_is_counted_when_skipping(tmp_path, tok
             strict(0, record)
     good = {"task": "vqa_open", "image": str(tmp_path / "ok.npy"), "question": "w5", "answer": "w6"}
     records = [good] + [{**good, "image": str(tmp_path / n), **c} for n, c, _ in cases] + [good]
-    before = sum(skipped_records().values())
     lenient = dataclasses.replace(SPEC, skip_bad_records=True)
-    batches = list(source_dataset(_ListSource(records, "bad"), tokenizer, lenient, seed=0, batch_size=2, num_epochs=1))
-    assert sum(skipped_records().values()) - before == len(cases)
+    log = BadRecordLog("test")
+    samples = source_samples(_ListSource(records, "bad"), tokenizer, lenient, seed=0, num_epochs=1, bad_records=log)
+    batches = list(batched(samples, lenient, batch_size=2))
+    assert sum(log.skipped().values()) == len(cases)
     assert len(batches) == 1 and np.isfinite(batches[0]["images"]).all()
 
 

@@ -119,7 +119,7 @@ def test_sharding_audit_lists_replicated_and_under_sharded_arrays(tmp_path):
     (("--target=banana",), "unknown target 'banana'"),
     (("--target=cpu:0",), "positive device count"),
     (("--target=cpu:4",), "needs 8 devices per slice, have 4"),
-    (("--target=cpu:8", "--config.data.batch_size=6"), "global batch 6 (data.batch_size) is not divisible by the 4"),
+    (("--target=cpu:8", "--config.data.batch_size=6"), "data.batch_size=6: a global batch must be a positive multiple of the mesh's 4"),
     pytest.param(("--target=v5e:3x3",), "TPU target 'v5e:3x3'", marks=needs_libtpu),
 ])
 def test_bad_targets_meshes_and_batches_are_one_line_errors(args, message):

@@ -17,6 +17,10 @@ Tensors stream one at a time (peak memory ≈ the largest tensor), so a 16 GB ch
 writes the released layout (config.json + sharded safetensors + index) that the PyTorch code loads
 with strict=True.
 
+DST must not exist or be empty: the output is written beside it and renamed into place when complete, so
+an interrupted conversion leaves no DST that looks complete. --overwrite replaces an existing DST whole
+(never merging into it); DST may never be SRC, lie inside it or hold it.
+
 Med-2E3 is converted through the whole model in host memory instead (its layout spans several folders;
 ~4.4 B parameters, ~18 GB in float32): torch2jax loads every part, including the trained
 vision3d_connector text_mlp that the reference's own loader drops, and jax2torch writes the released
@@ -30,30 +34,36 @@ import time
 
 from absl import app, flags
 
+from m3d_jax.cli import run
+
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
                            "jax2torch: tensor dtype to write (default: the parameters' dtype).")
 _SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "Largest output shard in GiB.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing, non-empty DST whole (never merged).")
 
 
 def main(argv):
     if len(argv) != 4 or argv[1] not in ("torch2jax", "jax2torch"):
         raise app.UsageError("usage: convert_checkpoint.py {torch2jax,jax2torch} SRC DST")
     from m3d_jax.convert.checkpoint import detect, jax_to_torch, torch_to_jax
+    from m3d_jax.convert.torch_io import check_output
 
     direction, src, dst = argv[1:]
+    check_output(dst, overwrite=_OVERWRITE.value, inputs=[src])  # before the (slow) detection and reads
     kind, _ = detect(src)
     shard_bytes = int(_SHARD_GB.value * 2**30)
     start = time.perf_counter()
     if direction == "torch2jax":
-        report = torch_to_jax(src, dst, progress=True, max_shard_bytes=shard_bytes)
+        report = torch_to_jax(src, dst, progress=True, max_shard_bytes=shard_bytes, overwrite=_OVERWRITE.value)
         print(f"{kind.name}: converted {report.converted} tensors from {src} to {dst}")
         for key, reason in report.ignored:
             print(f"  ignored {key}: {reason}")
     else:
-        count = jax_to_torch(src, dst, dtype=_DTYPE.value, progress=True, max_shard_bytes=shard_bytes)
+        count = jax_to_torch(src, dst, dtype=_DTYPE.value, progress=True, max_shard_bytes=shard_bytes,
+                             overwrite=_OVERWRITE.value)
         print(f"{kind.name}: wrote {count} tensors in the PyTorch layout to {dst}")
     print(f"({time.perf_counter() - start:.1f} s)")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

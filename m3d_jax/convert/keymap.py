@@ -381,10 +381,13 @@ def write_state(
     dtype: Any = None,
     config: dict | None = None,
     max_shard_bytes: int = 5 * 2**30,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Exports `state` in the key map's PyTorch layout as sharded safetensors (+ index, + config.json).
 
     Tensors keep their parameter dtype unless `dtype` is given; one tensor is materialised at a time.
+    The folder appears complete or not at all; one that holds something is refused unless `overwrite`,
+    which replaces it whole (`torch_io.write_checkpoint`).
     """
     values = _flat_values(state)
     entries = keymap.expand({p: tuple(v.shape) for p, v in values.items()})
@@ -395,7 +398,8 @@ def write_state(
     ]
     get = _state_getter(values)
     produce = lambda key: _to_torch(by_key[key], get, dtype)  # noqa: E731
-    return write_checkpoint(out_dir, specs, produce, max_shard_bytes=max_shard_bytes, config=config)
+    return write_checkpoint(out_dir, specs, produce, max_shard_bytes=max_shard_bytes, config=config,
+                            overwrite=overwrite)
 
 
 def load_model(

@@ -57,11 +57,12 @@ def load_lamed_folder(folder: str | os.PathLike) -> Lamed:
     return load_lamed(folder)[0]
 
 
-def export_lamed(model: Lamed, out_dir: str | os.PathLike, *, dtype=None,
-                 max_shard_bytes: int = 5 * 2**30) -> list[Path]:
-    """Writes the released layout (config.json + sharded safetensors + index)."""
+def export_lamed(model: Lamed, out_dir: str | os.PathLike, *, dtype=None, max_shard_bytes: int = 5 * 2**30,
+                 overwrite: bool = False) -> list[Path]:
+    """Writes the released layout (config.json + sharded safetensors + index); `overwrite` replaces an
+    existing `out_dir` whole."""
     return write_state(out_dir, lamed_keymap(model.config), nnx.state(model), dtype=dtype,
-                       config=model.config.to_hf(), max_shard_bytes=max_shard_bytes)
+                       config=model.config.to_hf(), max_shard_bytes=max_shard_bytes, overwrite=overwrite)
 
 
 def export_language_model(model: Lamed, out_dir: str | os.PathLike, *, tokenizer=None, dtype=None,

@@ -28,7 +28,7 @@ from m3d_jax.convert.keymap import (
     IDENTITY, LINEAR, ConversionReport, Conv3dKernel, ConvTranspose3dKernel, FusedBias, FusedLinear, KeyMap, Linear,
     Reshape, Rule, _flat_values, _state_getter, _to_torch, norm_rules, read_state,
 )
-from m3d_jax.convert.torch_io import CheckpointReader
+from m3d_jax.convert.torch_io import CheckpointReader, atomic_output
 from m3d_jax.models.med3dinsight import Med3DInsight, Med3DInsightConfig
 from m3d_jax.models.nnformer import NnFormer, NnFormerConfig, WindowAttention, relative_position_index
 from m3d_jax.models.psat import PsatConfig
@@ -215,11 +215,14 @@ def save_state_dict(tensors: dict[str, np.ndarray], path: str | os.PathLike) -> 
     torch.save({key: torch.from_numpy(np.array(value)) for key, value in tensors.items()}, path)
 
 
-def export_med3dinsight(model: Med3DInsight | NnFormer, path: str | os.PathLike) -> int:
+def export_med3dinsight(model: Med3DInsight | NnFormer, path: str | os.PathLike, *, overwrite: bool = False
+                        ) -> int:
     """Writes the reference's checkpoint (a `.pth`, or safetensors when `path` ends in `.safetensors`);
-    returns the number of state-dict entries."""
+    returns the number of state-dict entries. The file is written beside `path` and renamed into place;
+    an existing `path` is refused unless `overwrite`."""
     tensors = torch_state_dict(model)
-    save_state_dict(tensors, path)
+    with atomic_output(path, overwrite=overwrite, folder=False) as tmp:
+        save_state_dict(tensors, tmp)
     return len(tensors)
 
 

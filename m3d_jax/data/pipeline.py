@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import threading
 
 import grain.python as grain
 import numpy as np
@@ -49,16 +50,78 @@ class RecordError(InputError):
     """A record cannot be turned into a sample; the message names the file and the problem."""
 
 
-_SKIPPED: collections.Counter = collections.Counter()  # (epoch, reason) → count, in this process
+class BadDataError(InputError):
+    """Too many records in a row could not be read, or a source yielded nothing for a whole epoch."""
 
 
-def skipped_records(epoch: int | None = None) -> dict[str, int]:
-    """Records skipped in this process so far (with skip_bad_records), by reason; one epoch's if given."""
-    counts: collections.Counter = collections.Counter()
-    for (seen_epoch, reason), count in _SKIPPED.items():
-        if epoch is None or seen_epoch == epoch:
-            counts[reason] += count
-    return dict(counts)
+class BadRecordLog:
+    """The skipped records of one pipeline (with `skip_bad_records`): counted by source and reason, the first
+    `show` logged one by one, then one summary per source and epoch. It raises a `BadDataError` after
+    `max_consecutive` skips in a row, or when every record a source gave in an epoch was bad, naming the
+    sources and the first errors, so a pipeline whose data is all bad stops instead of spinning."""
+
+    def __init__(self, name: str = "data", *, max_consecutive: int = 1000, show: int = 10):
+        self.name, self.max_consecutive, self.show = name, max_consecutive, show
+        self.counts: collections.Counter = collections.Counter()  # (source, reason) → skipped
+        self.first_errors: list[str] = []
+        self._streak = 0
+        self._epochs: dict[tuple[str, int], list[int]] = {}  # (source, epoch) → [good, bad]
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:  # picklable for worker processes (each counts its own records)
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
+
+    def good(self, source: str, epoch: int, epoch_length: int) -> None:
+        with self._lock:
+            self._streak = 0
+            self._tally(source, epoch, epoch_length, good=True)
+
+    def bad(self, source: str, epoch: int, epoch_length: int, index: int, error: Exception) -> None:
+        with self._lock:
+            self.counts[(source, type(error).__name__)] += 1
+            self._streak += 1
+            if len(self.first_errors) < 3:
+                self.first_errors.append(str(error))
+            if sum(self.counts.values()) <= self.show:
+                logging.warning("%s: skipping record %d of %s: %s", self.name, index, source, error)
+            if self._streak >= self.max_consecutive:
+                raise BadDataError(f"{self.name}: {self._streak} records in a row were bad ({self._sources()}; "
+                                   f"data.max_consecutive_skips={self.max_consecutive}); first errors: "
+                                   + " | ".join(self.first_errors))
+            self._tally(source, epoch, epoch_length, good=False)
+
+    def skipped(self) -> dict[str, int]:
+        """Skipped records so far by reason (error class)."""
+        totals: collections.Counter = collections.Counter()
+        for (_, reason), count in self.counts.items():
+            totals[reason] += count
+        return dict(totals)
+
+    def _sources(self) -> str:
+        per_source: collections.Counter = collections.Counter()
+        for (source, _), count in self.counts.items():
+            per_source[source] += count
+        return ", ".join(f"{count} skipped from {source}" for source, count in per_source.items())
+
+    def _tally(self, source: str, epoch: int, epoch_length: int, *, good: bool) -> None:
+        tally = self._epochs.setdefault((source, epoch), [0, 0])
+        tally[0 if good else 1] += 1
+        if tally[1] == epoch_length:
+            self._close(source, epoch)
+        # Reader threads run ahead by a few records, so an epoch is closed once its source is two epochs on.
+        for key in [k for k in self._epochs if k[0] == source and k[1] <= epoch - 2]:
+            self._close(*key)
+
+    def _close(self, source: str, epoch: int) -> None:
+        good, bad = self._epochs.pop((source, epoch), (0, 0))
+        if bad and not good:
+            raise BadDataError(f"{self.name}: every record of {source} was bad in epoch {epoch} ({bad} skipped); "
+                               "first errors: " + " | ".join(self.first_errors))
+        if bad:
+            logging.warning("%s: epoch %d of %s: skipped %d of %d records", self.name, epoch, source, bad, good + bad)
 
 
 def load_record_mask(record: dict, image_shape: tuple[int, ...]) -> np.ndarray:
@@ -74,32 +137,18 @@ def load_record_mask(record: dict, image_shape: tuple[int, ...]) -> np.ndarray:
 
 
 class RecordTransform:
-    """(index, record) → a sample dict (`_sample`, per subclass); picklable. With `spec.skip_bad_records`,
-    a bad record becomes None (dropped and counted) instead of raising a RecordError / VolumeError that
-    names its file."""
+    """(index, record) → a sample dict (`_sample`, per subclass); picklable. A bad record raises a
+    RecordError / VolumeError that names its file (skipped and counted by `source_samples` with
+    `spec.skip_bad_records`)."""
 
     def __init__(self, tokenizer, spec, seed: int, epoch_length: int):
         self.tokenizer = tokenizer
         self.spec = spec
         self.seed = seed
         self.epoch_length = epoch_length
-        self._last_epoch = 0
 
-    def __call__(self, index: int, record: dict) -> dict[str, np.ndarray] | None:
-        epoch = index // self.epoch_length
-        if epoch > self._last_epoch:  # the first record of a new epoch: report the finished one
-            skipped = skipped_records(self._last_epoch)
-            if skipped:
-                logging.warning("epoch %d: skipped %d bad records %s", self._last_epoch, sum(skipped.values()), skipped)
-            self._last_epoch = epoch
-        try:
-            return self._sample(index, record)
-        except (VolumeError, RecordError) as err:
-            if not self.spec.skip_bad_records:
-                raise
-            _SKIPPED[(epoch, type(err).__name__)] += 1
-            logging.warning("skipping record %d (%s): %s", index, record.get("image"), err)
-            return None
+    def __call__(self, index: int, record: dict) -> dict[str, np.ndarray]:
+        return self._sample(index, record)
 
     def _sample(self, index: int, record: dict) -> dict[str, np.ndarray]:
         raise NotImplementedError
@@ -156,13 +205,40 @@ def _is_sample(sample) -> bool:
     return sample is not None
 
 
-def source_samples(source, tokenizer, spec, *, seed: int, num_epochs: int | None = None) -> grain.MapDataset:
+class _Skipping:
+    """A record transform whose bad records become None, counted in a `BadRecordLog`."""
+
+    def __init__(self, transform: RecordTransform, log: BadRecordLog, source: str):
+        self.transform, self.log, self.source = transform, log, source
+
+    def __call__(self, index: int, record: dict) -> dict[str, np.ndarray] | None:
+        epoch_length = self.transform.epoch_length
+        epoch = index // epoch_length
+        try:
+            sample = self.transform(index, record)
+        except (VolumeError, RecordError) as err:
+            self.log.bad(self.source, epoch, epoch_length, index, err)
+            return None
+        self.log.good(self.source, epoch, epoch_length)
+        return sample
+
+
+def source_samples(source, tokenizer, spec, *, seed: int, num_epochs: int | None = None,
+                   bad_records: BadRecordLog | None = None) -> grain.MapDataset:
     """Unbatched samples of all records (by `spec.transform`), reshuffled every epoch; `num_epochs=None`
-    repeats forever. A bad record is None here with `skip_bad_records` (dropped after the process split)."""
+    repeats forever. With `spec.skip_bad_records` a bad record is None here (dropped after the process
+    split) and counted in `bad_records` (the pipeline's log; a new one if not given)."""
     dataset = grain.MapDataset.source(source)
     epoch_length = len(dataset)
     dataset = dataset.shuffle(seed=seed).repeat(num_epochs)
-    return dataset.map_with_index(spec.transform(tokenizer, seed, epoch_length))
+    transform = spec.transform(tokenizer, seed, epoch_length)
+    if spec.skip_bad_records:
+        transform = _Skipping(transform, bad_records or BadRecordLog(), _source_name(source))
+    return dataset.map_with_index(transform)
+
+
+def _source_name(source) -> str:
+    return str(getattr(source, "description", None) or type(source).__name__)
 
 
 class ProcessRows(grain.MapDataset):
@@ -286,12 +362,15 @@ def build_source(entry, root: str | None = None) -> object:
 
 
 def build_mixture(data_config, tokenizer, spec, *, seed: int, process_index: int = 0,
-                  process_count: int = 1, sources_key: str = "sources"):
+                  process_count: int = 1, sources_key: str = "sources", name: str = "train data"):
     """The weighted mixture of a config's `data.sources` (each with kind, path, split, weight), batched
-    (`batch_size` global)."""
+    (`batch_size` global). Skipped records (`skip_bad_records`) are counted per pipeline, under `name`,
+    and stop it after `data.max_consecutive_skips` (default 1000) in a row."""
     parts, weights = [], []
+    log = BadRecordLog(name, max_consecutive=int(data_config.get("max_consecutive_skips", 1000)))
     for offset, entry in enumerate(data_config[sources_key]):
-        parts.append(source_samples(build_source(entry, data_config.get("root")), tokenizer, spec, seed=seed + offset))
+        parts.append(source_samples(build_source(entry, data_config.get("root")), tokenizer, spec, seed=seed + offset,
+                                    bad_records=log))
         weights.append(float(entry.get("weight", 1.0)))
     mixed = parts[0] if len(parts) == 1 else mix(parts, weights)
     return batched(mixed, spec, batch_size=int(data_config["batch_size"]), process_index=process_index,

@@ -2,6 +2,9 @@
 
 Trains (or resumes) the run in DIR. Multi-host jobs start one such process per host (see launch/)."""
 
+import os
+import sys
+
 from absl import flags
 from ml_collections import config_flags
 
@@ -26,9 +29,14 @@ def main(argv):
     from m3d_jax.train.distributed import initialize
 
     initialize()
-    from m3d_jax.train.trainer import train
+    from m3d_jax.train.trainer import StoppedWaitingForData, train
 
-    train(config, _WORKDIR.value)
+    try:
+        train(config, _WORKDIR.value)
+    except StoppedWaitingForData as stopped:
+        print(stopped, flush=True)
+        sys.stderr.flush()
+        os._exit(0)  # reader threads blocked in a read would keep the interpreter from exiting
 
 
 if __name__ == "__main__":

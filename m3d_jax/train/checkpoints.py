@@ -9,7 +9,11 @@ resumes on any other.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import tempfile
+import time
 from typing import Any
 
 import grain.python as grain
@@ -28,6 +32,14 @@ class Checkpoints:
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def steps(self) -> list[int]:
+        """The complete checkpoints' steps, newest first."""
+        return sorted(self.manager.all_steps(), reverse=True)
+
+    def meta(self, step: int) -> dict:
+        """The metadata saved at `step` alone (the run's config), without reading the arrays."""
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def due(self, step: int) -> bool:
         """Whether the save interval asks for a checkpoint at `step` (cheap; call before building the state)."""
@@ -49,12 +61,15 @@ class Checkpoints:
 
     def restore(self, step: int, abstract_state: Any, data_iterator=None) -> tuple[Any, dict]:
         """The state at `step` laid out as `abstract_state` says (jax.ShapeDtypeStruct leaves with
-        shardings), the iterator moved to its saved position, and the metadata."""
-        items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+        shardings), the iterator moved to its saved position, and the metadata. The small items are read
+        first, so a corrupt one fails before any array read is in flight."""
+        items = dict(meta=ocp.args.JsonRestore())
         if data_iterator is not None:
             items["data"] = grain.PyGrainCheckpointRestore(data_iterator)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return restored["state"], restored["meta"]
+        meta = self.manager.restore(step, args=ocp.args.Composite(**items))["meta"]
+        with _without_closed_loop_noise():
+            state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        return state["state"], meta
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -62,6 +77,48 @@ class Checkpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+_CLOSED_LOOP = "RuntimeError: Event loop is closed"
+
+
+@contextlib.contextmanager
+def _without_closed_loop_noise():
+    """Runs a restore with the process's stderr (fd 2) captured, then writes it back without the
+    tracebacks TensorStore's reader threads print when one array read fails: the others complete after
+    Orbax has closed its event loop, and each prints "Event loop is closed" (70 of them for a small model)
+    below the one error that matters."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            time.sleep(0.2)  # reads still in flight finish (and print) now, not after fd 2 is back
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            sys.stderr.write(_drop_tracebacks(capture.read().decode(errors="replace"), _CLOSED_LOOP))
+            sys.stderr.flush()
+
+
+def _drop_tracebacks(text: str, final_line: str) -> str:
+    """`text` without the tracebacks that end in `final_line`."""
+    kept, block = [], []
+    for line in text.splitlines(keepends=True):
+        if block or line.startswith("Traceback (most recent call last):"):
+            block.append(line)
+            if not line[:1].isspace() and not line.startswith("Traceback"):
+                if line.rstrip("\n") != final_line:
+                    kept.extend(block)
+                block = []
+        else:
+            kept.append(line)
+    return "".join(kept + block)
 
 
 def abstract_like(state: Any) -> Any:

@@ -149,7 +149,7 @@ def export(model: Lamed, tokenizer, folder: str) -> None:
     from m3d_jax.train.lora import merge_lora
 
     merge_lora(model)
-    export_lamed(model, folder)
+    export_lamed(model, folder, overwrite=True)  # a rerun of the same run replaces its export
     tokenizer.save_pretrained(folder)
 
 

@@ -161,7 +161,7 @@ def export(model: Med2E3, tokenizers: Med2E3Tokenizers, folder: str) -> None:
     """The released Med-2E3 folder layout and the LLM tokenizer at its root."""
     from m3d_jax.convert.med2e3 import export_med2e3
 
-    export_med2e3(model, folder)
+    export_med2e3(model, folder, overwrite=True)  # a rerun replaces its own earlier export
     tokenizers.llm.save_pretrained(folder)
 
 

@@ -62,8 +62,8 @@ def evaluate(model: Med3DInsight, run, config: ConfigDict) -> dict[str, float]:
         return {}
     data = ConfigDict(dict(config.data.to_dict(), sources=config.eval.sources, batch_size=config.eval.batch_size))
     spec = sample_spec(config, model.config, train=False)
-    iterator = iterate(build_mixture(data, None, spec, seed=config.seed, process_index=jax.process_index(),
-                                     process_count=jax.process_count()))
+    iterator = iterate(build_mixture(data, None, spec, seed=config.seed, name="eval data",
+                                     process_index=jax.process_index(), process_count=jax.process_count()))
     masses = nnx.jit(plan_diagonal_mass)
     image, text = [], []
     for _ in range(batches):
@@ -80,7 +80,7 @@ def export(model: Med3DInsight, tokenizer, folder: str) -> None:
 
     from m3d_jax.convert.med3dinsight import export_med3dinsight
 
-    export_med3dinsight(model, os.path.join(folder, "model.pth"))
+    export_med3dinsight(model, os.path.join(folder, "model.pth"), overwrite=True)  # a rerun replaces its own export
 
 
 TASK = Task(name="med3dinsight", inputs=INPUTS, build=build, batch_shapes=batch_shapes, load_pretrained=load_pretrained,

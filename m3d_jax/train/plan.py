@@ -28,6 +28,7 @@ from m3d_jax.sharding import (
     MeshConfig,
     allowed_mesh_axes,
     batch_sharding,
+    check_batch_sizes,
     make_mesh,
     state_shardings,
 )
@@ -145,11 +146,7 @@ def abstract_run(config: ConfigDict, target: Target) -> AbstractRun:
     target's mesh, and the trainer's step for them."""
     task = get_task(config.get("task", "lamed"))
     mesh = make_mesh(_mesh_config(config, target), target.devices)
-    data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
-    batch_size = int(config.data.batch_size)
-    if batch_size % data_ways:
-        raise PlanError(f"global batch {batch_size} (data.batch_size) is not divisible by the {data_ways} "
-                        f"data-parallel ways (data × fsdp) of mesh {dict(mesh.shape)}")
+    check_batch_sizes(mesh, {"data.batch_size": config.data.batch_size})
     _, model_config, make_model = task.build(config, without_tokenizer=True)
     lora = lora_of(config)
     optim, wrt = optimizer_of(config)

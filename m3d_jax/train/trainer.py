@@ -11,6 +11,7 @@ Run it with `python -m m3d_jax.train --config=configs/NAME.py --workdir=DIR`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import time
@@ -22,14 +23,23 @@ from absl import logging
 from flax import nnx
 from ml_collections import ConfigDict
 
+from m3d_jax.convert.torch_io import CheckpointReadError
 from m3d_jax.data.pipeline import build_mixture, iterate, to_global_arrays
-from m3d_jax.sharding import MeshConfig, create_sharded, make_mesh, replicate_strays, shard_model
+from m3d_jax.sharding import (
+    MeshConfig,
+    check_batch_sizes,
+    create_sharded,
+    make_mesh,
+    replicate_strays,
+    shard_model,
+)
 from m3d_jax.train.checkpoints import Checkpoints, abstract_like
 from m3d_jax.train.flops import peak_flops, step_flops, utilisation
 from m3d_jax.train.lora import apply_lora
 from m3d_jax.train.metrics import MetricWriter
 from m3d_jax.train.optim import OptimConfig, make_optimizer, schedule
 from m3d_jax.train.plan import unsharded_hardware_flops
+from m3d_jax.train.resume import check_resume, rescale_position
 from m3d_jax.train.step import lora_of, optimizer_of, task_step
 from m3d_jax.train.tasks import Task, get_task
 
@@ -38,6 +48,11 @@ KILL_AT_SAVE = "M3D_JAX_FAULT_KILL_AT_SAVE"  # fault injection for tests: SIGKIL
 
 class TrainingStopped(RuntimeError):
     """Training stopped on purpose (non-finite loss per the config); the saved state is clean."""
+
+
+class StoppedWaitingForData(RuntimeError):
+    """SIGTERM or Ctrl-C arrived while the loop waited for data; what was consistent is saved. The data
+    reader threads may still be blocked in a read, so the caller should end the process (`os._exit`)."""
 
 
 @dataclasses.dataclass
@@ -58,6 +73,8 @@ def setup(config: ConfigDict) -> Setup:
     """Mesh, tokenizer, sharded model (pretrained parts loaded, LoRA applied) and optimizer of a config."""
     task = get_task(config.get("task", "lamed"))
     mesh = make_mesh(MeshConfig(**config.mesh))
+    check_batch_sizes(mesh, {key: config[key.split(".")[0]].get(key.split(".")[1])
+                             for key in ("data.batch_size", "eval.batch_size") if key.split(".")[0] in config})
     tokenizer, model_config, make_model = task.build(config)
     lora = lora_of(config)
     model = create_sharded(make_model, mesh)
@@ -98,11 +115,7 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
 
     ckpt = Checkpoints(os.path.join(workdir, "checkpoints"), every=config.checkpoint.every, keep=config.checkpoint.keep,
                        async_save=config.checkpoint.get("async_save", True))
-    start = ckpt.latest_step() or 0
-    if start:
-        restored, _ = ckpt.restore(start, nnx.to_pure_dict(abstract_like(state)), iterator)
-        nnx.replace_by_pure_dict(state, restored)
-        logging.info("resumed from step %d of %s", start, ckpt.directory)
+    start = _resume(ckpt, config, state, iterator, skipping=spec.skip_bad_records, processes=processes)
 
     writer = MetricWriter(workdir, config.total_steps, start, enabled=primary, progress=config.get("progress", True))
     writer.message(f"training {type(model_config).__name__}: {_count(state, run.wrt, graphdef)} on mesh "
@@ -122,7 +135,14 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
     meta = {"config": config.to_json()}  # saved with every checkpoint
     try:
         while step < config.total_steps:
-            host_batch = next(iterator)
+            host_batch, position = preempted.next_batch(iterator)
+            if host_batch is None:
+                saved = ckpt.save(step, nnx.to_pure_dict(state), position, meta, force=True) if step > start else False
+                ckpt.wait()
+                raise StoppedWaitingForData(
+                    f"stopped while waiting for data at step {step}"
+                    + (f": saved step {step} to {ckpt.directory}" if saved else "; nothing new to save")
+                    + "; rerun the same command to resume")
             sample_index = host_batch.pop("sample_index", None)
             batch = to_global_arrays({k: host_batch[k] for k in run.task.inputs}, mesh)
             key = jax.random.fold_in(base_key, step)
@@ -182,6 +202,46 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
         if samples_log is not None:
             samples_log.close()
         preempted.restore()
+
+
+def _resume(ckpt: Checkpoints, config: ConfigDict, state: nnx.State, iterator, *, skipping: bool,
+            processes: int) -> int:
+    """Restores the newest checkpoint that reads (falling back past a corrupt one, with a warning) into
+    `state` and `iterator`, after checking the saved config against this one; returns its step (0: none)."""
+    steps = ckpt.steps()
+    failures = []
+    for step in steps:
+        where = os.path.join(ckpt.directory, str(step))
+        try:
+            saved = ckpt.meta(step).get("config")
+        except Exception as error:  # noqa: BLE001 — any unreadable checkpoint is reported and skipped
+            failures.append(f"{where}: {_one_line(error)}")
+            logging.warning("checkpoint %s cannot be read (%s); trying the previous one", where, _one_line(error))
+            continue
+        batch_change = check_resume(saved, config, where) if saved else None
+        try:
+            restored, _ = ckpt.restore(step, nnx.to_pure_dict(abstract_like(state)), iterator)
+        except Exception as error:  # noqa: BLE001
+            failures.append(f"{where}: {_one_line(error)}")
+            logging.warning("checkpoint %s cannot be restored (%s); trying the previous one", where, _one_line(error))
+            continue
+        nnx.replace_by_pure_dict(state, restored)
+        if batch_change is not None:
+            iterator.set_state(rescale_position(iterator.get_state(), batch_change, per_row=skipping,
+                                                processes=processes, config=config, checkpoint=where))
+        if failures:
+            logging.warning("resumed from step %d, an older checkpoint: %s", step, "; ".join(failures))
+        logging.info("resumed from step %d of %s", step, ckpt.directory)
+        return step
+    if failures:
+        raise CheckpointReadError(f"{ckpt.directory}: no checkpoint can be restored ({'; '.join(failures)}); "
+                                  "move the folder away to start afresh")
+    return 0
+
+
+def _one_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def _ensure_phantoms(data: ConfigDict, primary: bool) -> None:
@@ -248,18 +308,42 @@ class _Window:
         return self.units / max(1e-9, time.perf_counter() - self.start)
 
 
+class _Interrupted(Exception):
+    """SIGTERM or Ctrl-C arrived while the loop was waiting for data."""
+
+
 class _Preemption:
-    """SIGTERM → save and exit at the next step boundary. With several processes, JAX's preemption sync
-    point (via Orbax) makes every process agree on the step."""
+    """SIGTERM or Ctrl-C → save and exit at the next step boundary, or at once while the loop waits for
+    data (`next_batch`); a second Ctrl-C stops without saving. With several processes, JAX's preemption
+    sync point (via Orbax) makes every process agree on the step."""
 
     def __init__(self, ckpt: Checkpoints, processes: int):
-        self.ckpt, self.processes, self.flag = ckpt, processes, False
-        self.previous = None
+        self.ckpt, self.processes, self.flag, self.waiting = ckpt, processes, False, False
+        self.previous = {}
         if processes == 1:
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self.previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if self.flag and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         self.flag = True
+        if self.waiting:
+            raise _Interrupted
+
+    def next_batch(self, iterator) -> tuple[dict | None, Any]:
+        """(the next batch, the iterator's position before it); (None, position) when interrupted while
+        waiting for it."""
+        position = _Position(iterator.get_state())
+        self.waiting = True
+        try:
+            if self.flag:
+                raise _Interrupted
+            return next(iterator), position
+        except _Interrupted:
+            return None, position
+        finally:
+            self.waiting = False
 
     def __call__(self, step: int) -> bool:
         if self.processes > 1:
@@ -267,8 +351,19 @@ class _Preemption:
         return self.flag
 
     def restore(self) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+class _Position:
+    """A data iterator's saved position, checkpointed in place of the iterator (grain's handler saves
+    `get_state()` bytes)."""
+
+    def __init__(self, state: dict):
+        self.state = state
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.state, indent=1).encode()
 
 
 def evaluate(graphdef, state, run: Setup, config: ConfigDict) -> dict[str, float]:
@@ -280,7 +375,7 @@ def evaluate(graphdef, state, run: Setup, config: ConfigDict) -> dict[str, float
     if eval_config.get("loss_batches"):
         data = ConfigDict(dict(config.data.to_dict(), sources=eval_config.sources, batch_size=eval_config.batch_size))
         spec = task.sample_spec(config, run.model_config, train=False)
-        iterator = iterate(build_mixture(data, run.tokenizer, spec, seed=config.seed,
+        iterator = iterate(build_mixture(data, run.tokenizer, spec, seed=config.seed, name="eval data",
                                          process_index=jax.process_index(), process_count=jax.process_count()))
         eval_loss = nnx.jit(lambda model, batch: task.loss(model, batch)[1][task.eval_metric])
         losses = []
