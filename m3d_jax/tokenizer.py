@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 
 from m3d_jax.data.prompts import bos_id
+from m3d_jax.errors import InputError
 from m3d_jax.models.decoder import Decoder
 from m3d_jax.models.lamed import ADDED_TOKENS
 
@@ -38,11 +39,22 @@ def add_lamed_tokens(tokenizer) -> LamedTokenIds:
     return LamedTokenIds(*ids, pad=tokenizer.pad_token_id)
 
 
-def load_lamed_tokenizer(folder: str | os.PathLike):
-    """`AutoTokenizer` from a local folder with the LaMed tokens ensured; returns (tokenizer, ids)."""
-    from transformers import AutoTokenizer
+def load_tokenizer(folder: str | os.PathLike):
+    """`AutoTokenizer` from a local folder; a folder without a usable tokenizer is an InputError naming it."""
+    from transformers import (
+        AutoTokenizer,  # transformers takes seconds to import; only tokenizer users pay
+    )
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise InputError(f"{folder}: cannot load a tokenizer ({first})") from None
+
+
+def load_lamed_tokenizer(folder: str | os.PathLike):
+    """`load_tokenizer` with the LaMed tokens ensured; returns (tokenizer, ids)."""
+    tokenizer = load_tokenizer(folder)
     return tokenizer, add_lamed_tokens(tokenizer)
 
 

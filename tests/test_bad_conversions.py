@@ -20,7 +20,7 @@ from flax import nnx
 from m3d_jax.convert.checkpoint import detect, jax_to_torch, load_jax, save_jax, torch_to_jax
 from m3d_jax.convert.decoder import decoder_keymap
 from m3d_jax.convert.keymap import write_state
-from m3d_jax.convert.torch_io import CheckpointReadError, CheckpointReader, OutputExistsError, atomic_output
+from m3d_jax.convert.torch_io import CheckpointReader, CheckpointReadError, OutputExistsError, atomic_output
 from m3d_jax.errors import InputError
 from m3d_jax.models.decoder import Decoder, DecoderConfig
 

@@ -202,7 +202,35 @@ runpy.run_module("m3d_jax.train", run_name="__main__")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_while_waiting_for_data_stops_the_run(phantom_root, tmp_path, signum):
+def test_a_signal_interrupts_the_wait_for_a_batch_and_keeps_the_position(signum):
+    import threading
+
+    from m3d_jax.train.trainer import _Preemption
+
+    class Stalled:
+        def get_state(self):
+            return {"next_index": 7}
+
+        def __next__(self):
+            time.sleep(60)
+
+    preemption = _Preemption(ckpt=None, processes=1)
+    try:
+        threading.Timer(0.5, os.kill, (os.getpid(), signum)).start()
+        start = time.perf_counter()
+        batch, position = preemption.next_batch(Stalled())
+        assert batch is None and json.loads(position.get_state()) == {"next_index": 7}
+        assert time.perf_counter() - start < 10 and preemption(0)
+        if signum == signal.SIGINT:  # a second Ctrl-C does not wait for a step boundary
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
+    finally:
+        preemption.restore()
+
+
+def test_sigterm_while_waiting_for_data_stops_the_run(phantom_root, tmp_path):
+    signum = signal.SIGTERM
     log = tmp_path / "stderr.txt"
     command = [sys.executable, "-c", _STALLED, *_command(tmp_path, phantom_root, *QUICK, "--config.total_steps=3")[3:]]
     with open(log, "w") as stderr:

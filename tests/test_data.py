@@ -6,8 +6,8 @@ import dataclasses
 
 import numpy as np
 import pytest
-
 from conftest import word_tokenizer
+
 from m3d_jax.data.augment import AugmentConfig, augment, record_rng
 from m3d_jax.data.phantoms import write_phantoms
 from m3d_jax.data.pipeline import SampleSpec, batched, source_dataset, source_samples
@@ -212,7 +212,7 @@ def _bad_inputs(root):
     np.save(root / "rank.npy", np.zeros((4, 4), np.float32))
     cases.append(("rank.npy", {}, r"rank\.npy: expected \[C, D, H, W\]"))
     np.save(root / "channels.npy", np.ones((3, 16, 32, 32), np.float32))
-    cases.append(("channels.npy", {}, r"channels\.npy: 3 channels, the model takes 1"))
+    cases.append(("channels.npy", {}, r"channels\.npy: 3 channels .*expected 1"))
     nan = np.ones((1, 16, 32, 32), np.float32)
     nan[0, 3, 3, 3] = np.nan
     np.save(root / "nan.npy", nan)

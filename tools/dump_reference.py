@@ -3,8 +3,9 @@ for tools/parity.py.
 
 The oracle (m3d_jax.parity.torch_reference) is composed from MONAI's ViT, transformers' Phi-3 / Llama
 and segment_anything's decoder modules with the released weights loaded strictly; it needs no remote
-code. Fields written: image, input_ids, logits, attention_mask, and with --seg seg_logits, with
---generate=N generated_ids (see the README, "Check parity").
+code. Fields written: image, input_ids, logits, attention_mask, image_features (the projected image
+tokens as spliced), and with --seg seg_logits, with --generate=N generated_ids (see the README, "Check
+parity").
 
   python tools/dump_reference.py --ckpt=M3D-LaMed-Phi-3-4B/ --out=ref.npz --volume=ct.npy \\
       --question="What is the organ?" --generate=16
@@ -13,10 +14,19 @@ code. Fields written: image, input_ids, logits, attention_mask, and with --seg s
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from absl import app, flags
+import numpy as np
+import torch
+from absl import flags
+
+from m3d_jax.cli import run
+from m3d_jax.convert.decoder import read_hf_config
+from m3d_jax.data.volume import load_volume, preprocess
+from m3d_jax.errors import InputError
+from m3d_jax.models.lamed import LamedConfig
+from m3d_jax.parity.torch_reference import TorchLamed
+from m3d_jax.tokenizer import add_lamed_tokens, lamed_prompt_ids, load_tokenizer
 
 _CKPT = flags.DEFINE_string("ckpt", None, "Released M3D-LaMed folder (config.json + weights).", required=True)
 _OUT = flags.DEFINE_string("out", None, "Reference .npz to write.", required=True)
@@ -28,17 +38,10 @@ _GENERATE = flags.DEFINE_integer("generate", 0, "Record this many greedy tokens 
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random volume / text.")
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
     del argv
-    import numpy as np
-    import torch
-
-    from m3d_jax.data.volume import load_volume, preprocess
-    from m3d_jax.models.lamed import LamedConfig
-    from m3d_jax.parity.torch_reference import TorchLamed
-
     folder = Path(_CKPT.value)
-    hf = json.loads((folder / "config.json").read_text())
+    hf = read_hf_config(folder)
     reference = TorchLamed.from_folder(folder)
     rng = np.random.default_rng(_SEED.value)
     size = tuple(hf["image_size"])
@@ -49,11 +52,7 @@ def main(argv):
     config = LamedConfig.from_hf(hf)
     num_image_tokens, image_token_id = config.proj_out_num, config.image_token_id
     if _QUESTION.value:
-        from transformers import AutoTokenizer
-
-        from m3d_jax.tokenizer import add_lamed_tokens, lamed_prompt_ids
-
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = load_tokenizer(folder)
         add_lamed_tokens(tokenizer)
         ids = lamed_prompt_ids(tokenizer, _QUESTION.value, num_image_tokens)
     else:
@@ -65,10 +64,10 @@ def main(argv):
     images, id_tensor = torch.from_numpy(image), torch.from_numpy(input_ids)
     logits, _ = reference(images, id_tensor)
     fields = dict(image=image, input_ids=input_ids, attention_mask=np.ones_like(input_ids),
-                  logits=logits.float().numpy())
+                  logits=logits.float().numpy(), image_features=reference.image_features(images).float().numpy())
     if _SEG.value:
         if reference.seg_module is None:
-            raise app.UsageError(f"{folder} has no segmentation module; drop --seg")
+            raise InputError(f"{folder}: no segmentation module; drop --seg")
         fields["seg_logits"] = reference.segment_from_ids(images, id_tensor).float().numpy()
     if _GENERATE.value:
         fields["generated_ids"] = reference.greedy(images, id_tensor, _GENERATE.value).numpy()
@@ -77,4 +76,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

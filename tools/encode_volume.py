@@ -15,11 +15,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
+from m3d_jax.cli import run
 from m3d_jax.data.volume import load_volume, preprocess
+from m3d_jax.errors import InputError
 from m3d_jax.models.vit3d import ViT3D, ViT3DConfig
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/m3d_clip_vit3d.py", "Model config file.")
@@ -32,7 +34,7 @@ def _default_volume() -> str:
     try:
         from nilearn.datasets import MNI152_FILE_PATH
     except ImportError:
-        raise app.UsageError("no --volume given and nilearn is not installed (pip install -e '.[demo]')") from None
+        raise InputError("no --volume given and nilearn is not installed (pip install -e '.[demo]')") from None
     return MNI152_FILE_PATH
 
 
@@ -40,8 +42,8 @@ def main(argv: list[str]) -> None:
     del argv
     config = _CONFIG.value
     model_config = ViT3DConfig.from_dict(config.model)
-    volume = load_volume(_VOLUME.value or _default_volume())
-    images = preprocess(volume.array, model_config.image_size)[None]  # [1, 1, D, H, W]
+    volume = load_volume(_VOLUME.value or _default_volume(), channels=model_config.in_channels)
+    images = preprocess(volume.array, model_config.image_size)[None]  # [1, C, D, H, W]
     images = np.repeat(images, config.batch_size, axis=0)
     print(f"volume   {volume.path}  raw {tuple(volume.array.shape)} -> input {images.shape}, range "
           f"[{images.min():.3f}, {images.max():.3f}]")
@@ -76,4 +78,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

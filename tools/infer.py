@@ -21,7 +21,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
+
+from m3d_jax.cli import run
+from m3d_jax.data.volume import Volume, check_channels, load_volume, prepare
 
 _CKPT = flags.DEFINE_string("ckpt", None, "m3d-jax folder, or released M3D-LaMed or Med-2E3 folder.", required=True)
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer folder (default: --ckpt).")
@@ -39,28 +42,29 @@ TOP_SLICES = 5
 
 def main(argv):
     del argv
+    start = time.perf_counter()
+    volume = load_volume(_VOLUME.value)  # a bad volume fails before jax is imported and the model loaded
     from m3d_jax.convert.checkpoint import is_med2e3
 
-    start = time.perf_counter()
-    (infer_med2e3 if is_med2e3(_CKPT.value) else infer_lamed)()
+    (infer_med2e3 if is_med2e3(_CKPT.value) else infer_lamed)(volume)
     print(f"({time.perf_counter() - start:.1f} s)")
 
 
-def infer_med2e3():
+def infer_med2e3(volume: Volume):
     import numpy as np
-    from transformers import AutoTokenizer
 
     from m3d_jax.convert.checkpoint import load_med2e3_folder
     from m3d_jax.data.med2e3_samples import Med2E3Tokenizers
-    from m3d_jax.data.volume import load_volume, prepare
     from m3d_jax.eval.bench import BenchSettings, generate_med2e3_answers
+    from m3d_jax.tokenizer import load_tokenizer
     from m3d_jax.train.clip_task import tokenizer_folder
 
     model = load_med2e3_folder(_CKPT.value)
-    tokenizers = Med2E3Tokenizers(AutoTokenizer.from_pretrained(_TOKENIZER.value or _CKPT.value),
-                                  AutoTokenizer.from_pretrained(tokenizer_folder(_TEXT_TOKENIZER.value)))
-    volume = load_volume(_VOLUME.value)
-    image, geometry = prepare(volume.array, model.config.vision3d.vision.image_size)
+    tokenizers = Med2E3Tokenizers(load_tokenizer(_TOKENIZER.value or _CKPT.value),
+                                  load_tokenizer(tokenizer_folder(_TEXT_TOKENIZER.value)))
+    vision = model.config.vision3d.vision
+    check_channels(volume, vision.in_channels)
+    image, geometry = prepare(volume.array, vision.image_size)
     (answer,), scores = generate_med2e3_answers(model, tokenizers, [_QUESTION.value], image[None],
                                                 BenchSettings(max_new_tokens=_MAX_NEW.value))
     print(f"Q: {_QUESTION.value}\nA: {answer}")
@@ -75,23 +79,20 @@ def infer_med2e3():
         print(f"  slice {int(j):>3}: {first}-{last}  {float(scores[0, j]):.4f}")
 
 
-def infer_lamed():
+def infer_lamed(volume: Volume):
     import numpy as np
-    from transformers import AutoTokenizer
 
-    from m3d_jax.data.volume import load_volume, prepare
+    from m3d_jax.convert.lamed import load_lamed_folder
     from m3d_jax.generate import SamplingConfig
     from m3d_jax.inference import box_to_input, parse_boxes, save_mask, save_overlay, world_coordinates
     from m3d_jax.models.lamed import generate_lamed
-    from m3d_jax.tokenizer import add_lamed_tokens, lamed_prompt_ids
-
-    from m3d_jax.convert.lamed import load_lamed_folder
+    from m3d_jax.tokenizer import add_lamed_tokens, lamed_prompt_ids, load_tokenizer
 
     model = load_lamed_folder(_CKPT.value)
-    tokenizer = AutoTokenizer.from_pretrained(_TOKENIZER.value or _CKPT.value)
+    tokenizer = load_tokenizer(_TOKENIZER.value or _CKPT.value)
     add_lamed_tokens(tokenizer)
     config = model.config
-    volume = load_volume(_VOLUME.value)
+    check_channels(volume, config.vision.in_channels)
     image, geometry = prepare(volume.array, config.vision.image_size)
     ids = np.asarray([lamed_prompt_ids(tokenizer, _QUESTION.value, config.proj_out_num)])
     out = generate_lamed(model, image[None], ids, config=SamplingConfig(max_new_tokens=_MAX_NEW.value))
@@ -113,4 +114,4 @@ def infer_lamed():
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

@@ -24,7 +24,10 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-from absl import app, flags  # noqa: E402 — after the environment above
+from absl import flags  # noqa: E402 — after the environment above
+
+from m3d_jax.cli import run  # noqa: E402
+from m3d_jax.errors import InputError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PLANS = ROOT / "tools" / "plans"
@@ -193,7 +196,7 @@ def readme() -> None:
     start, end = "<!-- plan-tables:start -->", "<!-- plan-tables:end -->"
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     if not pattern.search(text):
-        raise SystemExit(f"{README} has no {start} … {end} block")
+        raise InputError(f"{README}: no {start} … {end} block to rewrite")
     README.write_text(pattern.sub(lambda _: f"{start}\n{block}\n{end}", text))
     print(f"rewrote the plan tables in {README}")
 
@@ -210,4 +213,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

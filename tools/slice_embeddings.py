@@ -37,8 +37,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from absl import app, flags
+from absl import flags
 
+from m3d_jax.cli import run
+from m3d_jax.errors import InputError
 from m3d_jax.models.psat import PLANES
 
 SPLITS = ("train", "validation", "test")
@@ -91,27 +93,30 @@ class Summary:
 def read_slices(path: str) -> dict:
     """Loads the input JSON; its top level must map split names to lists."""
     with open(path, encoding="utf-8") as f:
-        entries = json.load(f)
+        try:
+            entries = json.load(f)
+        except ValueError as err:  # bad JSON, or not UTF-8 text
+            raise InputError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(entries, dict):
-        raise ValueError(f"{path}: expected an object of splits ({', '.join(SPLITS)}), got {type(entries).__name__}")
+        raise InputError(f"{path}: expected an object of splits ({', '.join(SPLITS)}), got {type(entries).__name__}")
     return entries
 
 
 def _check_slice(item: Any, root: str, where: str) -> tuple[int, int, str, str]:
     if not isinstance(item, Mapping):
-        raise ValueError(f"{where}: expected an object with plane, slice, image2d, text; got {item!r}")
+        raise InputError(f"{where}: expected an object with plane, slice, image2d, text; got {item!r}")
     missing = [key for key in ("plane", "slice", "image2d", "text") if key not in item]
     if missing:
-        raise ValueError(f"{where}: missing {', '.join(missing)}")
+        raise InputError(f"{where}: missing {', '.join(missing)}")
     plane, index, image2d, text = item["plane"], item["slice"], item["image2d"], item["text"]
     if plane not in PLANES:
-        raise ValueError(f"{where}: unknown plane {plane!r} (expected one of {', '.join(PLANES)})")
+        raise InputError(f"{where}: unknown plane {plane!r} (expected one of {', '.join(PLANES)})")
     if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-        raise ValueError(f"{where}: slice must be an integer >= 0, got {index!r}")
+        raise InputError(f"{where}: slice must be an integer >= 0, got {index!r}")
     if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"{where}: text must be a non-empty string, got {text!r}")
+        raise InputError(f"{where}: text must be a non-empty string, got {text!r}")
     if not isinstance(image2d, str) or not image2d:
-        raise ValueError(f"{where}: image2d must be a path, got {image2d!r}")
+        raise InputError(f"{where}: image2d must be a path, got {image2d!r}")
     path = os.path.join(root, image2d)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{where}: image2d not found: {path}")
@@ -123,34 +128,34 @@ def check_entries(entries: Mapping[str, Sequence[Mapping]], root: str, source: s
     volumes = []
     for split, items in entries.items():
         if split not in SPLITS:
-            raise ValueError(f"{source}: unknown split {split!r} (expected some of {', '.join(SPLITS)})")
+            raise InputError(f"{source}: unknown split {split!r} (expected some of {', '.join(SPLITS)})")
         if not isinstance(items, list):
-            raise ValueError(f"{source}: {split} must be a list of volumes, got {type(items).__name__}")
+            raise InputError(f"{source}: {split} must be a list of volumes, got {type(items).__name__}")
         for index, entry in enumerate(items):
             where = f"{source}: {split}[{index}]"
             if not isinstance(entry, Mapping):
-                raise ValueError(f"{where}: expected an object with image and slices, got {entry!r}")
+                raise InputError(f"{where}: expected an object with image and slices, got {entry!r}")
             image, slices = entry.get("image"), entry.get("slices")
             if not isinstance(image, str) or not image:
-                raise ValueError(f"{where}: image must be the 3D volume's path, got {image!r}")
+                raise InputError(f"{where}: image must be the 3D volume's path, got {image!r}")
             image = os.path.join(root, image)
             if not os.path.exists(image):
                 raise FileNotFoundError(f"{where}: volume not found: {image}")
             if not isinstance(slices, list) or not slices:
-                raise ValueError(f"{where}: slices must be a non-empty list, got {slices!r}")
+                raise InputError(f"{where}: slices must be a non-empty list, got {slices!r}")
             checked = [_check_slice(item, root, f"{where} slices[{j}]") for j, item in enumerate(slices)]
             planes, indices, paths, texts = zip(*checked)
             volumes.append(Volume(split, index, image, np.asarray(planes, np.int64), np.asarray(indices, np.int64),
                                   paths, texts))
     if not volumes:
-        raise ValueError(f"{source}: no volumes")
+        raise InputError(f"{source}: no volumes")
     return volumes
 
 
 def _as_numpy(out: Any, rows: int, kind: str) -> np.ndarray:
     array = out.detach().float().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out, np.float32)
     if array.ndim != 2 or array.shape[0] != rows:
-        raise ValueError(f"encode_{kind} returned shape {array.shape} for {rows} inputs (expected [{rows}, E])")
+        raise InputError(f"encode_{kind} returned shape {array.shape} for {rows} inputs (expected [{rows}, E])")
     return array.astype(np.float32, copy=False)
 
 
@@ -170,7 +175,7 @@ def embed_volumes(entries: Mapping[str, Sequence[Mapping]], root: str, encode_im
     written as soon as its last slice is embedded, so memory stays at one batch plus the open volumes.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     volumes = check_entries(entries, root, source)
     os.makedirs(out_dir, exist_ok=True)
     start = time.perf_counter()
@@ -184,7 +189,7 @@ def embed_volumes(entries: Mapping[str, Sequence[Mapping]], root: str, encode_im
             image_emb = _as_numpy(encode_image(images), len(batch), "image")
             text_emb = _as_numpy(encode_text([volumes[v].texts[j] for v, j in batch]), len(batch), "text")
         if image_emb.shape[1] != text_emb.shape[1] or dim not in (None, image_emb.shape[1]):
-            raise ValueError(f"embedding dims disagree: image {image_emb.shape[1]}, text {text_emb.shape[1]}"
+            raise InputError(f"embedding dims disagree: image {image_emb.shape[1]}, text {text_emb.shape[1]}"
                              + (f", earlier batches {dim}" if dim is not None else ""))
         dim = image_emb.shape[1]
         for row, (v, j) in enumerate(batch):
@@ -254,13 +259,16 @@ def load_open_clip(model_dir: str, device: str = "cpu",
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        raise InputError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not (_SLICES.value and _MODEL.value and _OUT.value):
-        raise app.UsageError("--slices, --model and --out are required")
+        raise InputError("--slices, --model and --out are required")
     entries = read_slices(_SLICES.value)
     root = os.path.dirname(os.path.abspath(_SLICES.value))
     check_entries(entries, root, _SLICES.value)  # fail before the slow model load
-    encoders = load_open_clip(_MODEL.value, _DEVICE.value, _CONTEXT_LENGTH.value)
+    try:
+        encoders = load_open_clip(_MODEL.value, _DEVICE.value, _CONTEXT_LENGTH.value)
+    except ImportError as error:  # a missing or too old package is the user's to install, not a bug
+        raise InputError(str(error)) from error
     summary = embed_volumes(entries, root, *encoders, _OUT.value, _BATCH_SIZE.value, _SLICES.value)
     for split, count in summary.volumes.items():
         print(f"{split:<10} {count:6d} volumes {summary.slices[split]:8d} slices")
@@ -270,4 +278,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

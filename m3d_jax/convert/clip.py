@@ -1,16 +1,26 @@
 """Released M3D-CLIP checkpoints (`model_type` m3d_clip) ↔ JAX: `vision_encoder.*` (the 3D ViT with its
-cls token), `language_encoder.*` (a BertModel), `mm_vision_proj`, `mm_language_proj`, `logit_scale`."""
+cls token), `language_encoder.*` (a BertModel), `mm_vision_proj`, `mm_language_proj`, `logit_scale`.
+
+A released `config.json` records the ViT but not the BERT: the reference builds it with
+`BertModel.from_pretrained(language_model_name_or_path)`, and both projections as Linear(hidden, hidden).
+The sizes a folder does not record are read from its tensor shapes (`clip_hf_with_shapes`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
+from typing import Any
 
 from flax import nnx
 
 from m3d_jax.convert.decoder import read_hf_config
 from m3d_jax.convert.keymap import LINEAR, ConversionReport, KeyMap, Rule, load_model, write_state
-from m3d_jax.convert.text_encoder import bert_keymap
+from m3d_jax.convert.text_encoder import (
+    Shapes, assumed_num_heads, bert_config_from_shapes, bert_keymap, checkpoint_shapes, count_layers,
+)
+from m3d_jax.convert.torch_io import CheckpointReader, CheckpointReadError
 from m3d_jax.convert.vit3d import vit3d_keymap
 from m3d_jax.models.clip import ClipConfig, M3DClip
 
@@ -28,17 +38,52 @@ def clip_keymap(config: ClipConfig) -> KeyMap:
     )
 
 
+def clip_hf_with_shapes(hf: Mapping[str, Any], shapes: Shapes, where: str, key_prefix: str = "") -> dict[str, Any]:
+    """A released M3D-CLIP config dict completed from the checkpoint's tensor `shapes`: the ViT's width, MLP
+    width and depth where the dict lacks them, `text_config` (the whole BERT, see `bert_config_from_shapes`)
+    and `embed_dim` (the projections' output width). Head counts not recorded are assumed with a warning
+    naming `where` and the config.json key (under `key_prefix`) that would record them. Recorded values
+    are kept; a disagreeing tensor is then a key-map shape error."""
+    hf = dict(hf)
+    cls_token = shapes.get("vision_encoder.cls_token")
+    if cls_token is not None:
+        hf.setdefault("hidden_size", cls_token[-1])
+    if "vision_encoder.blocks.0.mlp.linear1.weight" in shapes:
+        hf.setdefault("mlp_dim", shapes["vision_encoder.blocks.0.mlp.linear1.weight"][0])
+        hf.setdefault("num_layers", count_layers(shapes, r"vision_encoder\.blocks\.(\d+)\."))
+    if "num_heads" not in hf and "hidden_size" in hf:
+        hf["num_heads"] = assumed_num_heads(hf["hidden_size"], where, "3D ViT", f"{key_prefix}num_heads")
+    if "text_config" not in hf:
+        hf["text_config"] = bert_config_from_shapes(shapes, where, prefix="language_encoder.",
+                                                    heads_key=f"{key_prefix}text_config.num_attention_heads").to_hf()
+    vision_proj, language_proj = shapes.get("mm_vision_proj.weight"), shapes.get("mm_language_proj.weight")
+    if "embed_dim" not in hf and vision_proj is not None and language_proj is not None:
+        if vision_proj[0] != language_proj[0]:
+            raise CheckpointReadError(f"{where}: mm_vision_proj projects to {vision_proj[0]} features but "
+                                      f"mm_language_proj to {language_proj[0]}; M3D-CLIP needs one width")
+        hf["embed_dim"] = vision_proj[0]
+    return hf
+
+
+def released_clip_hf(folder: str | os.PathLike, hf: Mapping[str, Any] | None = None,
+                     reader: CheckpointReader | None = None, key_prefix: str = "") -> dict[str, Any]:
+    """The config.json dict of a released M3D-CLIP folder (`hf` if already read) with the unrecorded sizes
+    read from its tensor shapes (`clip_hf_with_shapes`)."""
+    hf = read_hf_config(folder) if hf is None else hf
+    return clip_hf_with_shapes(hf, checkpoint_shapes(reader or CheckpointReader(folder)), str(folder), key_prefix)
+
+
 def load_clip(folder: str | os.PathLike, **overrides) -> tuple[M3DClip, ConversionReport]:
     """Loads a released M3D-CLIP folder (config.json + safetensors or .bin)."""
-    config = ClipConfig.from_hf(read_hf_config(folder))
+    reader = CheckpointReader(folder)
+    config = ClipConfig.from_hf(released_clip_hf(folder, reader=reader))
     config = dataclasses.replace(config, **overrides) if overrides else config
-    return load_model(folder, clip_keymap(config), lambda: M3DClip(config, rngs=nnx.Rngs(0)))
+    return load_model(reader, clip_keymap(config), lambda: M3DClip(config, rngs=nnx.Rngs(0)))
 
 
 def load_clip_folder(folder: str | os.PathLike) -> M3DClip:
     """An m3d-jax M3D-CLIP parameter folder or a released PyTorch folder (converted in memory)."""
     from m3d_jax.convert.checkpoint import KIND_KEY, load_jax
-    from m3d_jax.convert.torch_io import CheckpointReadError
 
     hf = read_hf_config(folder)
     if hf.get(KIND_KEY) == "clip":
@@ -49,6 +94,8 @@ def load_clip_folder(folder: str | os.PathLike) -> M3DClip:
     return load_clip(folder)[0]
 
 
-def export_clip(model: M3DClip, out_dir: str | os.PathLike, *, dtype=None) -> None:
-    """Writes the model in the released M3D-CLIP layout (config.json + safetensors)."""
-    write_state(out_dir, clip_keymap(model.config), nnx.state(model), dtype=dtype, config=model.config.to_hf())
+def export_clip(model: M3DClip, out_dir: str | os.PathLike, *, dtype=None, overwrite: bool = False) -> None:
+    """Writes the model in the released M3D-CLIP layout (config.json + safetensors); `overwrite` replaces
+    an existing `out_dir` whole."""
+    write_state(out_dir, clip_keymap(model.config), nnx.state(model), dtype=dtype, config=model.config.to_hf(),
+                overwrite=overwrite)

@@ -21,11 +21,11 @@ from pathlib import Path
 from absl import logging
 from flax import nnx
 
-from m3d_jax.convert.clip import clip_keymap
+from m3d_jax.convert.clip import clip_keymap, released_clip_hf
 from m3d_jax.convert.decoder import decoder_keymap
 from m3d_jax.convert.keymap import LINEAR, ConversionReport, KeyMap, Rule, read_state, write_state
 from m3d_jax.convert.slice_encoder import siglip_vision_keymap
-from m3d_jax.convert.torch_io import CheckpointReadError, CheckpointReader
+from m3d_jax.convert.torch_io import CheckpointReader, CheckpointReadError, atomic_output
 from m3d_jax.layers import Dense
 from m3d_jax.layers.params import canonical_dtype
 from m3d_jax.models.med2e3 import Med2E3, Med2E3Config
@@ -68,16 +68,28 @@ def read_config(folder: str | os.PathLike) -> dict:
     raise CheckpointReadError(f"{folder}: no Med-2E3 config.json (root or args/) with nested llm_config")
 
 
+def with_vision3d_shapes(folder: str | os.PathLike, hf: dict, reader: CheckpointReader | None = None) -> dict:
+    """The MedMLLMConfig dict `hf` with `vision3d_model_config` completed from `vision3d_model/`'s tensor
+    shapes: the reference builds that part's BERT from the hub and records none of its sizes (nor the
+    projection widths); see m3d_jax.convert.clip.clip_hf_with_shapes."""
+    if "vision3d_model_config" not in hf:  # Med2E3Config.from_hf names what is missing
+        return hf
+    part = Path(folder) / "vision3d_model"
+    vision3d = released_clip_hf(part, hf["vision3d_model_config"], reader, key_prefix="vision3d_model_config.")
+    return {**hf, "vision3d_model_config": vision3d}
+
+
 def load_med2e3(folder: str | os.PathLike, *, init_missing_text_mlp: bool = False, **decoder_overrides
                 ) -> tuple[Med2E3, dict[str, ConversionReport]]:
     """Loads a released Med-2E3 folder; returns the model and a conversion report per part."""
     folder = Path(folder)
-    config = Med2E3Config.from_hf(read_config(folder), **decoder_overrides)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Med2E3(config, rngs=nnx.Rngs(0))))
+    hf = read_config(folder)
     for part in PARTS:
         if not (folder / part).is_dir():
             raise CheckpointReadError(f"{folder / part}: missing; a Med-2E3 folder holds {', '.join(PARTS)}")
     readers = {part: CheckpointReader(folder / part) for part in PARTS}
+    config = Med2E3Config.from_hf(with_vision3d_shapes(folder, hf, readers["vision3d_model"]), **decoder_overrides)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Med2E3(config, rngs=nnx.Rngs(0))))
     has_text_mlp = "text_mlp.weight" in readers["vision3d_connector"].keys()
     if not has_text_mlp and init_missing_text_mlp:
         logging.warning("%s has no text_mlp (a checkpoint saved by the reference's loader path?); it is initialised "
@@ -97,15 +109,16 @@ def load_med2e3(folder: str | os.PathLike, *, init_missing_text_mlp: bool = Fals
     return nnx.merge(graphdef, abstract), reports
 
 
-def export_med2e3(model: Med2E3, out_dir: str | os.PathLike, *, dtype=None) -> None:
-    """Writes the released folder layout (root config.json + one folder per part, safetensors)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def export_med2e3(model: Med2E3, out_dir: str | os.PathLike, *, dtype=None, overwrite: bool = False) -> None:
+    """Writes the released folder layout (root config.json + one folder per part, safetensors). The
+    folder appears complete or not at all; one that holds something is refused unless `overwrite`, which
+    replaces it whole."""
     config = model.config
     hf = config.to_hf()
     part_configs = {"llm": hf["llm_config"], "vision2d_model": hf["vision2d_model_config"],
                     "vision3d_model": hf["vision3d_model_config"]}
-    for part, keymap in med2e3_keymaps(config).items():
-        write_state(out_dir / part, keymap, nnx.state(getattr(model, part)), dtype=dtype,
-                    config=part_configs.get(part))
-    (out_dir / "config.json").write_text(json.dumps(hf, indent=1))
+    with atomic_output(out_dir, overwrite=overwrite) as tmp:
+        for part, keymap in med2e3_keymaps(config).items():
+            write_state(tmp / part, keymap, nnx.state(getattr(model, part)), dtype=dtype,
+                        config=part_configs.get(part))
+        (tmp / "config.json").write_text(json.dumps(hf, indent=1))

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from m3d_jax.convert.keymap import (
-    IDENTITY, LINEAR, ConversionReport, Conv3dKernel, ConvTranspose3dKernel, FusedBias, FusedLinear, KeyMap, Linear,
+    IDENTITY, LINEAR, Conv3dKernel, ConversionReport, ConvTranspose3dKernel, FusedBias, FusedLinear, KeyMap, Linear,
     Reshape, Rule, _flat_values, _state_getter, _to_torch, norm_rules, read_state,
 )
 from m3d_jax.convert.torch_io import CheckpointReader, atomic_output

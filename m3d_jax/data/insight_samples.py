@@ -38,9 +38,7 @@ class InsightTransform(RecordTransform):
 
     def _sample(self, index: int, record: dict) -> dict[str, np.ndarray]:
         spec = self.spec
-        volume = load_volume(record["image"]).array
-        if volume.shape[0] != spec.in_channels:
-            raise RecordError(f"{record['image']}: {volume.shape[0]} channels, the model takes {spec.in_channels}")
+        volume = load_volume(record["image"], channels=spec.in_channels).array
         if spec.window is not None:
             volume = window(volume, *spec.window)
         where = f"{record['slices']} row {record['row']}"

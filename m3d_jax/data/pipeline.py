@@ -17,14 +17,7 @@ from absl import logging
 
 from m3d_jax.data.augment import AugmentConfig, augment, record_rng
 from m3d_jax.data.prompts import (
-    CAPTION_PROMPTS,
-    REC_PROMPTS,
-    REG_PROMPTS,
-    SEGMENT_ANSWERS,
-    SEGMENT_PROMPTS,
-    box_from_mask,
-    box_text,
-    choose,
+    CAPTION_PROMPTS, REC_PROMPTS, REG_PROMPTS, SEGMENT_ANSWERS, SEGMENT_PROMPTS, box_from_mask, box_text, choose,
     tokenize_sample,
 )
 from m3d_jax.data.volume import VolumeError, load_volume, prepare, prepare_mask
@@ -158,9 +151,7 @@ class RecordTransform:
         spec = self.spec
         epoch, position = divmod(index, self.epoch_length)
         rng = record_rng(self.seed, epoch, position)
-        volume = load_volume(record["image"]).array
-        if volume.shape[0] != spec.in_channels:
-            raise RecordError(f"{record['image']}: {volume.shape[0]} channels, the model takes {spec.in_channels}")
+        volume = load_volume(record["image"], channels=spec.in_channels).array
         image, geometry = prepare(volume, spec.image_size, spec.window)
         return volume, image, geometry, rng
 

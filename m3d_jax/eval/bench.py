@@ -43,11 +43,11 @@ class TaskResult:
     metrics: dict[str, float]  # reference and standard metrics (percent)
 
 
-def _prepared(record: dict, image_size, window, with_mask: bool):
+def _prepared(record: dict, image_size, window, with_mask: bool, channels: int | None = None):
     from m3d_jax.data.pipeline import load_record_mask
     from m3d_jax.data.volume import load_volume, prepare, prepare_mask
 
-    volume = load_volume(record["image"]).array
+    volume = load_volume(record["image"], channels=channels).array
     image, geometry = prepare(volume, image_size, window)
     mask = prepare_mask(load_record_mask(record, volume.shape), geometry) if with_mask else None
     return image, mask
@@ -59,10 +59,13 @@ def is_med2e3(model) -> bool:
     return isinstance(model, Med2E3)
 
 
+def _vision(model):
+    return model.config.vision3d.vision if is_med2e3(model) else model.config.vision
+
+
 def image_size(model) -> tuple[int, int, int]:
     """The volume size the model takes (D, H, W)."""
-    config = model.config
-    return tuple((config.vision3d.vision if is_med2e3(model) else config.vision).image_size)
+    return tuple(_vision(model).image_size)
 
 
 def med2e3_question_length(config) -> int:
@@ -131,7 +134,7 @@ def run_generation_task(task: str, model, tokenizer, records: Sequence[dict], se
         chunk = list(records[begin:begin + settings.batch_size])
         rows = len(chunk)
         chunk += chunk[-1:] * (settings.batch_size - rows)  # one compiled shape; padding rows are dropped
-        prepared = [_prepared(r, size, settings.window, with_mask) for r in chunk]
+        prepared = [_prepared(r, size, settings.window, with_mask, _vision(model).in_channels) for r in chunk]
         pairs = [record_texts(r, mask, np.random.default_rng([settings.seed, begin + i]))
                  for i, (r, (_, mask)) in enumerate(zip(chunk, prepared))]
         questions = [CAPTION_PROMPTS[0] if task == "report" else q for q, _ in pairs]

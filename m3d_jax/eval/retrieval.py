@@ -27,7 +27,8 @@ def encode_pairs(model: M3DClip, tokenizer, records: Sequence[dict], *, batch_si
         chunk = list(records[begin:begin + batch_size])
         rows = len(chunk)
         chunk += chunk[-1:] * (batch_size - rows)  # one compiled shape; the padding rows are dropped
-        images = np.stack([prepare(load_volume(r["image"]).array, config.vision.image_size, window)[0]
+        images = np.stack([prepare(load_volume(r["image"], channels=config.vision.in_channels).array,
+                                   config.vision.image_size, window)[0]
                            for r in chunk]).astype(np.float32)
         texts = [report_excerpt(r["answer"], count, excerpt_tokens, np.random.default_rng(seed)) for r in chunk]
         ids, mask = map(np.stack, zip(*(text_ids(tokenizer, text, config.max_text_len) for text in texts)))

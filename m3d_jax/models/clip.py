@@ -30,7 +30,9 @@ LOGIT_SCALE_INIT = math.log(1 / 0.07)
 @dataclasses.dataclass(frozen=True)
 class ClipConfig:
     """logit_scale: "reference" multiplies the similarities by the learnable scalar itself (M3D-CLIP);
-    "standard" by exp(scalar) with the scalar clamped at ln(logit_scale_max) (OpenAI CLIP)."""
+    "standard" by exp(scalar) with the scalar clamped at ln(logit_scale_max) (OpenAI CLIP).
+    language_model_name_or_path: where the reference builds its BERT from (`BertModel.from_pretrained`);
+    kept from the source config and written back, so the reference rebuilds the same BERT from an export."""
 
     vision: ViT3DConfig = ViT3DConfig(select_feature="cls_patch")
     text: BertConfig = BertConfig()
@@ -38,6 +40,7 @@ class ClipConfig:
     max_text_len: int = 128
     logit_scale: Literal["reference", "standard"] = "reference"
     logit_scale_max: float = 100.0
+    language_model_name_or_path: str = "bert-base-uncased"
 
     def __post_init__(self):
         if not (self.vision.cls_token and self.vision.select_feature == "cls_patch"):
@@ -57,8 +60,8 @@ class ClipConfig:
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> ClipConfig:
         """From a released M3D-CLIP `config.json` (model_type m3d_clip). Its BERT is bert-base-uncased (the
-        file names only the path it was loaded from) unless a `text_config` entry (written by `to_hf`) says
-        otherwise."""
+        file names only the path it was loaded from) unless a `text_config` entry (written by `to_hf`, or by
+        m3d_jax.convert.clip.clip_hf_with_shapes from a checkpoint's shapes) says otherwise."""
         if hf.get("pos_embed", "perceptron") != "perceptron":
             raise ValueError(f"M3D-CLIP config: pos_embed {hf['pos_embed']!r}; only 'perceptron' is supported")
         vision = ViT3DConfig(
@@ -70,14 +73,16 @@ class ClipConfig:
         text = (BertConfig.from_hf(hf["text_config"]) if "text_config" in hf
                 else BertConfig(vocab_size=hf.get("vocab_size", 30522)))
         return cls(vision=vision, text=text, embed_dim=hf.get("embed_dim", vision.hidden_size),
-                   max_text_len=hf.get("max_text_len", 128))
+                   max_text_len=hf.get("max_text_len", 128),
+                   language_model_name_or_path=hf.get("language_model_name_or_path") or "bert-base-uncased")
 
     def to_hf(self) -> dict[str, Any]:
         """A released-layout `config.json` dict (plus `text_config` and `embed_dim`, which the reference
-        derives from bert-base-uncased and the ViT width)."""
+        derives from `language_model_name_or_path` and the ViT width)."""
         v = self.vision
         return dict(
-            model_type="m3d_clip", architectures=["M3DCLIP"], language_model_name_or_path="bert-base-uncased",
+            model_type="m3d_clip", architectures=["M3DCLIP"],
+            language_model_name_or_path=self.language_model_name_or_path,
             local_loss=False, gather_loss=True, in_channels=v.in_channels, img_size=list(v.image_size),
             patch_size=list(v.patch_size), hidden_size=v.hidden_size, mlp_dim=v.mlp_dim, num_layers=v.num_layers,
             num_heads=v.num_heads, pos_embed="perceptron", dropout_rate=0.0, spatial_dims=3,

