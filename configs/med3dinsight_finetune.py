@@ -36,7 +36,7 @@ def get_config(variant: str = "segment") -> ConfigDict:
     config = ConfigDict()
     config.task = "segment" if segment else "classify"
     config.seed = 0
-    config.stage = "full"
+    config.trainable = (".*",)  # everything; --config.trainable=head: a linear probe (classify)
     config.model = ConfigDict(dict(backbone=dataclasses.asdict(NnFormerConfig(remat="full")),
                                    num_classes=2))  # MSD Heart: background, left atrium
     config.init = ConfigDict(dict(backbone=""))

@@ -83,3 +83,35 @@ def word_tokenizer(folder, vocab_size: int):
                                         eos_token="</s>", pad_token="<unk>")
     tokenizer.save_pretrained(folder)
     return tokenizer
+
+
+def recipe_config(name: str, variant: str | None = None):
+    """`configs/<name>.py`'s config (its `variant`), loaded from the file as the training entry point does."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parent.parent / "configs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if variant is None else module.get_config(variant)
+
+
+def abstract_model(config):
+    """The config's model with its LoRA applied, built abstractly (nnx.eval_shape: shapes, no arrays)."""
+    from flax import nnx
+
+    from m3d_jax.train.lora import apply_lora
+    from m3d_jax.train.step import lora_of
+    from m3d_jax.train.tasks import get_task
+
+    _, _, make_model = get_task(config.get("task", "lamed")).build(config, without_tokenizer=True)
+    lora = lora_of(config)
+
+    def build():
+        model = make_model()
+        if lora is not None:
+            apply_lora(model, lora, rngs=nnx.Rngs(0))
+        return model
+
+    return nnx.eval_shape(build)

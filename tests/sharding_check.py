@@ -1,7 +1,8 @@
 """Run in a subprocess with 8 simulated CPU devices (tests/test_sharding.py): a tiny LaMed or M3D-CLIP
 created sharded on several meshes, with the batch sharded over the data axes, gives the single-device
 loss and gradients (for CLIP: the contrastive loss over the GLOBAL batch), with every parameter laid out
-as the rules table says. Usage: sharding_check.py {lamed,clip} MESH..."""
+as the rules table says, and activations laid out by the rules `activation_mesh` is given.
+Usage: sharding_check.py {lamed,clip} MESH..."""
 
 import json
 import os
@@ -14,14 +15,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from m3d_jax.layers.params import logical_axes  # noqa: E402
 from m3d_jax.models.clip import ClipConfig, M3DClip, clip_loss  # noqa: E402
 from m3d_jax.models.decoder_presets import tiny_phi3  # noqa: E402
 from m3d_jax.models.lamed import Lamed, LamedConfig, lamed_loss  # noqa: E402
 from m3d_jax.models.text_encoder import BertConfig  # noqa: E402
 from m3d_jax.models.vit3d import ViT3DConfig  # noqa: E402
 from m3d_jax.sharding import (  # noqa: E402
-    MeshConfig, activation_mesh, batch_sharding, constrain, create_sharded, make_mesh, spec_for,
+    LOGICAL_RULES, MeshConfig, activation_mesh, batch_sharding, constrain, create_sharded, logical_axes, make_mesh,
+    spec_for,
 )
 
 CONFIG = LamedConfig(vision=ViT3DConfig(image_size=(16, 64, 64), hidden_size=64, mlp_dim=128, num_layers=2,
@@ -53,6 +54,9 @@ def batch():
                 attention_mask=np.ones_like(ids), labels=np.where(np.arange(16) < 10, -100, ids), seg_masks=masks,
                 image_starts=np.ones(8, np.int32))
 
+
+# The table with the vocabulary kept whole: `constrain` must follow the rules `activation_mesh` was given.
+VOCAB_WHOLE = tuple((name, None if name == "vocab" else axes) for name, axes in LOGICAL_RULES)
 
 MODELS = {
     "lamed": (lambda: Lamed(CONFIG, rngs=nnx.Rngs(0)), lamed_loss, batch),
@@ -93,12 +97,15 @@ def main(name, mesh_shapes):
         with activation_mesh(mesh):  # the activation constraints are traced in, as in the train step
             loss, grads = loss_and_grads(model, sharded, loss_fn)
             logits_like = jax.jit(lambda x: constrain(x, ("batch", None, "vocab")))(jnp.zeros((8, 4, 16)))
+        with activation_mesh(mesh, rules=VOCAB_WHOLE):
+            logits_vocab_whole = jax.jit(lambda x: constrain(x, ("batch", None, "vocab")))(jnp.zeros((8, 4, 16)))
         grad_err = max(float(jnp.max(jnp.abs(g[...] - ref_flat[p][...]))) for p, g in nnx.to_flat_state(grads))
         sharded_params = sum(1 for _, v in nnx.to_flat_state(nnx.state(model))
                              if not v[...].sharding.is_fully_replicated)
         results["x".join(map(str, shape))] = dict(loss_err=abs(float(loss) - float(ref_loss)), grad_err=grad_err,
                                                   wrong=wrong, sharded_params=sharded_params,
-                                                  activation_spec=padded(logits_like.sharding.spec, 3))
+                                                  activation_spec=padded(logits_like.sharding.spec, 3),
+                                                  vocab_whole_spec=padded(logits_vocab_whole.sharding.spec, 3))
     print(json.dumps(results))
 
 

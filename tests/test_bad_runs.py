@@ -192,7 +192,7 @@ def test_all_bad_data_stops_with_one_line_instead_of_spinning(bad_root, tmp_path
 _STALLED = """
 import runpy, sys, time
 import m3d_jax.data.pipeline as pipeline
-def stalled(path):
+def stalled(path, **options):
     print("reading", path, file=sys.stderr, flush=True)
     time.sleep(3600)
 pipeline.load_volume = stalled
@@ -237,7 +237,7 @@ def test_sigterm_while_waiting_for_data_stops_the_run(phantom_root, tmp_path):
         process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True,
                                    env={**os.environ, "XLA_FLAGS": ""})
         deadline = time.time() + 300
-        while time.time() < deadline and "reading" not in log.read_text():
+        while time.time() < deadline and "reading" not in log.read_text() and process.poll() is None:
             time.sleep(0.5)
         time.sleep(1.0)
         process.send_signal(signum)

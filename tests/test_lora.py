@@ -15,12 +15,14 @@ from flax import nnx
 from jax.ad_checkpoint import print_saved_residuals
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
-from m3d_jax.layers.params import Buffer, logical_axes
+from m3d_jax.layers.params import Buffer
 from m3d_jax.models.decoder import Decoder
 from m3d_jax.models.decoder_presets import tiny_phi3
 from m3d_jax.models.lamed import Lamed, LamedConfig, lamed_loss
 from m3d_jax.models.vit3d import ViT3DConfig
-from m3d_jax.sharding import MESH_AXES, MeshConfig, create_sharded, make_mesh, spec_for, state_shardings
+from m3d_jax.sharding import (
+    MESH_AXES, MeshConfig, create_sharded, logical_axes, make_mesh, spec_for, state_shardings,
+)
 from m3d_jax.train.lora import LoraAdapter, LoraConfig, LoraParam, apply_lora, lora_dropout, merge_lora
 
 CONFIG = LamedConfig(vision=ViT3DConfig(image_size=(16, 64, 64), hidden_size=64, mlp_dim=128, num_layers=2,

@@ -1,4 +1,4 @@
-"""Med-2E3 training: stage masks (frozen parts bit-identical, no optimiser state for them), the chat-template
+"""Med-2E3 training: what trains (frozen parts bit-identical, no optimiser state for them), the chat-template
 samples, and a tiny Med-2E3 training on the phantom set (loss falls, slice scores stay a distribution)."""
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def test_stage1_trains_connectors_only(phantoms):
     from m3d_jax.data.pipeline import build_mixture, iterate, to_global_arrays
     from m3d_jax.train import trainer
 
-    config = _config(**{"data.root": str(phantoms), "stage": "med2e3_stage1", "data.batch_size": 2,
+    config = _config(**{"data.root": str(phantoms), "data.batch_size": 2,
+                        "trainable": ("vision2d_connector", "vision3d_connector"),  # stage 1's
                         "optim.learning_rate": 1e-2, "optim.warmup_fraction": 0.0})
     run = trainer.setup(config)
     before = {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(run.model, nnx.Param))}

@@ -4,10 +4,7 @@ folders whose BERT sizes only the tensor shapes record, and the BERT name kept t
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
-import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -26,13 +23,8 @@ from m3d_jax.convert.med2e3 import load_med2e3
 from m3d_jax.models.clip import ClipConfig
 from m3d_jax.models.med2e3 import Med2E3Config
 from m3d_jax.models.vit3d import ViT3DConfig
+from m3d_jax.parity import compare as parity
 from m3d_jax.parity.reference import IMAGE3D_SENTINEL, ReferenceFileError, expand_image_sentinels, load_reference
-
-ROOT = pathlib.Path(__file__).parent.parent
-_spec = importlib.util.spec_from_file_location("tools_parity", ROOT / "tools" / "parity.py")
-parity = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = parity  # dataclasses look their module up
-_spec.loader.exec_module(parity)
 
 PLACEHOLDER = 3  # write_released's m3d_jax.image_token_id
 NUM_VISUAL = NUM_3D + NUM_2D

@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 from conftest import prefixed_state_dict
 from m3d_jax.convert.keymap import CheckpointMismatchError, write_state
 from m3d_jax.convert.slice_encoder import load_siglip_vision, siglip_vision_keymap
-from m3d_jax.layers.params import logical_axes
 from m3d_jax.models.slice_encoder import SiglipVision, SiglipVisionConfig, encode_slices
+from m3d_jax.sharding import logical_axes
 
 TINY_SIGLIP = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, image_size=32,
                    patch_size=8, num_channels=3, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)

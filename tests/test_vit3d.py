@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 
 from conftest import SMALL_VIT_B, TINY, make_monai_vit, monai_features, prefixed_state_dict
 from m3d_jax.convert.vit3d import load_vit3d, vit3d_keymap
-from m3d_jax.layers import logical_axes
 from m3d_jax.models.vit3d import ViT3D, ViT3DConfig
+from m3d_jax.sharding import logical_axes
 
 
 def _load_from_monai(monai_model, config, tmp_path):

@@ -47,7 +47,7 @@ RECIPES = {
 SLICES = {"v5e": ("v5e:2x2", "v5e:2x4", "v5e:4x4", "v5e:4x8", "v5e:8x8", "v5e:8x16", "v5e:16x16"),
           "v5p": ("v5p:2x2x1", "v5p:2x2x2", "v5p:2x2x4", "v5p:2x4x4", "v5p:4x4x4")}
 SCALING = ("lamed_llama2_full", "LaMed-Llama-2-7B, everything trained", "configs/lamed.py:stage2_llama2",
-           ("--config.stage=full", "--config.lora.rank=0"), ("v5p:2x2x2", "v5p:4x4x2", "v5p:4x4x4"))
+           ("--config.trainable=.*", "--config.lora.rank=0"), ("v5p:2x2x2", "v5p:4x4x2", "v5p:4x4x4"))
 
 _SEARCH = flags.DEFINE_bool("search", False, "find the smallest fitting v5e and v5p slice per recipe")
 _SCALING = flags.DEFINE_bool("scaling", False, "plan the scaling table")
@@ -104,9 +104,12 @@ def _load_config(spec: str, overrides):
         for key in parents:
             node = node[key]
         try:
-            node[leaf] = ast.literal_eval(text)
+            value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
-            node[leaf] = text
+            value = text
+        if isinstance(node.get(leaf), tuple) and not isinstance(value, tuple):
+            value = (value,)  # one value for a tuple key, as config_flags reads it
+        node[leaf] = value
     return config
 
 
@@ -186,7 +189,7 @@ def readme() -> None:
         tried.append(f"- {name}: `{command}`" + (f"; did not fit: {', '.join(misses)}" if misses else ""))
     key, name, config, overrides, targets = SCALING
     lines += ["", "Commands, and the smaller slices that did not fit:", "", *tried, "",
-              f"Scaling: {name} (`--config.stage=full --config.lora.rank=0`), fsdp over the whole slice:", "",
+              f"Scaling: {name} (`--config.trainable=.* --config.lora.rank=0`), fsdp over the whole slice:", "",
               HEADER]
     by_target = {r["target"]: r for r in _reports(key)}
     for target in targets:

@@ -9,11 +9,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from m3d_jax.sharding import check_logical_names
+
 Initializer = Callable[[jax.Array, Sequence[int], Any], jax.Array]
 DType = Any
-
-# Flax renamed the sharding metadata key across releases; read whichever this version writes.
-_SHARDING_KEYS = ("out_sharding", "sharding_names", "sharding")
 
 
 def param(
@@ -23,20 +22,13 @@ def param(
     dtype: DType,
     axes: Sequence[str | None],
 ) -> nnx.Param:
-    """Creates an `nnx.Param` whose metadata carries one logical axis name per dimension."""
+    """Creates an `nnx.Param` whose metadata carries one logical axis name per dimension, each listed in
+    the rules table (m3d_jax.sharding.LOGICAL_RULES) or None (kept whole)."""
     if len(axes) != len(shape):
         raise ValueError(f"{len(axes)} logical axis names {tuple(axes)} for a parameter of shape {tuple(shape)}")
+    check_logical_names(axes, what=f"a parameter of shape {tuple(shape)}")
     # Parameters are placed by the sharded initialiser (m3d_jax.sharding), not eagerly at creation.
     return nnx.Param(init(rngs.params(), tuple(shape), dtype), sharding=tuple(axes), eager_sharding=False)
-
-
-def logical_axes(variable: nnx.Variable) -> tuple[str | None, ...] | None:
-    """Returns the logical axis names a parameter was declared with (None if it has none)."""
-    metadata = variable.get_metadata()
-    for key in _SHARDING_KEYS:
-        if metadata.get(key) is not None:
-            return tuple(metadata[key])
-    return None
 
 
 def canonical_dtype(name: DType) -> jnp.dtype:

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from m3d_jax.layers.linear import Dense
-from m3d_jax.layers.params import Buffer, logical_axes
+from m3d_jax.layers.params import Buffer
+from m3d_jax.sharding import logical_axes
 
 _DROPOUT_KEY: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar("lora_dropout_key", default=None)
 # Salts the key, so the masks do not repeat the keys nnx.Rngs(dropout=key) hands out (fold_in(key, 0, 1, ...)).
@@ -34,16 +35,20 @@ _DROPOUT_SALT = 0x4C6F5241  # "LoRA"
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """rank r, scale alpha / r, dropout on the adapter input; `targets` are Dense attribute names searched
-    under the path `under` ("language_model/layers", ...; "" = the whole model)."""
+    under the path `under` (the LLM: "language_model" in LaMed, "llm" in Med-2E3; "" = the whole model).
+    In training, the base weights under `under` are frozen except `fully_trained` (module paths relative to
+    `under`, patterns as in `config.trainable`: the recipe's input embeddings and lm_head)."""
 
     rank: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     under: str = "language_model"
+    fully_trained: tuple[str, ...] = ("embed_tokens", "lm_head")
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "fully_trained", tuple(self.fully_trained))
         if self.rank < 1 or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA needs rank >= 1 and 0 <= dropout < 1, got rank={self.rank}, "
                              f"dropout={self.dropout}")

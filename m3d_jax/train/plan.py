@@ -23,9 +23,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
 from m3d_jax.errors import InputError
-from m3d_jax.layers.params import logical_axes
 from m3d_jax.sharding import (
-    MeshConfig, allowed_mesh_axes, batch_sharding, check_batch_sizes, make_mesh, state_shardings,
+    MeshConfig, allowed_mesh_axes, batch_sharding, check_batch_sizes, logical_axes, make_mesh, state_shardings,
 )
 from m3d_jax.train.flops import hardware_flops, peak_flops, step_flops
 from m3d_jax.train.lora import apply_lora

@@ -1,11 +1,11 @@
 """Resuming safely: the checkpoint's saved config against the current one.
 
 Keys that fix the data position (batch size, sources and their weights, seed, sequence lengths) or the
-state's structure (task, model, stage, LoRA, gradient accumulation) must not change between runs, or a
-resume silently skips or repeats samples, or fails deep inside the restore. Such changes are refused with
-the keys named, unless `resume.allow_changes` lists them. A global batch size change is resumed exactly
-when the samples seen so far make a whole number of new batches: the data position is a global sample
-index, so only the iterator's batch counter is rescaled.
+state's structure (task, model, trained parameters, LoRA, gradient accumulation) must not change between
+runs, or a resume silently skips or repeats samples, or fails deep inside the restore. Such changes are
+refused with the keys named, unless `resume.allow_changes` lists them. A global batch size change is
+resumed exactly when the samples seen so far make a whole number of new batches: the data position is a
+global sample index, so only the iterator's batch counter is rescaled.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from m3d_jax.errors import ConfigError
 
 BATCH_KEY = "data.batch_size"
 DATA_POSITION = ("seed", BATCH_KEY, "data.sources", "data.max_length", "data.excerpt_tokens")
-STATE_STRUCTURE = ("task", "model", "stage", "lora", "optim.accumulation_steps")
+STATE_STRUCTURE = ("task", "model", "trainable", "lora", "optim.accumulation_steps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,11 +45,14 @@ def _guarded(key: str) -> bool:
 
 
 def guarded_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
-    """{dotted key: (saved value, current value)} for the guarded keys that differ (a missing key reads as
-    None)."""
+    """{dotted key: (saved value, current value)} for the guarded keys that differ. A key the saved config
+    lacks (written by an older version) cannot be compared: it is logged, not refused."""
     old, new = _flatten(saved), _flatten(current)
+    unknown = sorted(key for key in set(new) - set(old) if _guarded(key))
+    if unknown:
+        logging.warning("the checkpoint's config predates %s; resuming without comparing them", ", ".join(unknown))
     return {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
-            if _guarded(key) and old.get(key) != new.get(key)}
+            if key not in unknown and _guarded(key) and old.get(key) != new.get(key)}
 
 
 def _allowed(key: str, allowed: list[str]) -> bool:

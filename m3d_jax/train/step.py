@@ -1,9 +1,11 @@
-"""Trainable masks per training stage, the optimiser and LoRA a config asks for, and the jitted train
-step (frozen parameters get no gradient and no optimiser state) that the trainer and the planner run."""
+"""What trains (the config's parameter patterns, narrowed by LoRA), the optimiser and LoRA a config asks for,
+and the jitted train step (frozen parameters get no gradient and no optimiser state) that the trainer and the
+planner run."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -13,49 +15,67 @@ from flax import nnx
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
+from m3d_jax.errors import ConfigError
 from m3d_jax.sharding import activation_mesh, batch_sharding
 from m3d_jax.train.lora import LoraConfig, LoraParam, lora_dropout
 from m3d_jax.train.optim import OptimConfig
 from m3d_jax.train.tasks import Task
 
-# Parameter-path prefixes trained in each stage (REFERENCE §1.7, §3).
-STAGES: dict[str, tuple[str, ...]] = {
-    "lamed_stage1": ("mm_projector", "language_model/embed_tokens"),
-    "lamed_stage2": ("vision_tower", "mm_projector", "language_model", "seg_projector", "seg_module"),
-    "frozen_vision": ("mm_projector", "language_model", "seg_projector", "seg_module"),  # all but the ViT
-    # Med-2E3 (M3D-CLIP stays frozen in both): connectors (incl. text_mlp), then + LLM and SigLIP in full.
-    "med2e3_stage1": ("vision2d_connector", "vision3d_connector"),
-    "med2e3_stage2": ("llm", "vision2d_model", "vision2d_connector", "vision3d_connector"),
-    # Med3DInsight pretraining: everything but the segmentation head (nnFormer `final`, UNETR `out`; torch
-    # Adam skips it: no gradient).
-    "med3dinsight_pretrain": ("backbone/model_down", "backbone/decoder", "backbone/res", "backbone/vit",
-                              "backbone/encoder", "res", "psat", "L"),
-    "linear_probe": ("head",),  # fine-tuning: only the classification head
-    "full": ("",),
-}
+
+def path_matcher(patterns: Sequence[str], what: str) -> Callable[[str], bool]:
+    """Whether a '/'-joined parameter path is selected by `patterns`: regular expressions, each matching the
+    WHOLE path of the parameter or of a module containing it ("mm_projector" selects every parameter of
+    that module, "language_model/embed_tokens" the input embeddings, ".*" everything). A bad pattern is
+    named with `what` (the config key)."""
+    patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as error:
+            raise ConfigError(f"{what}: {pattern!r} is not a regular expression ({error})") from None
+
+    def matches(name: str) -> bool:
+        parts = name.split("/")
+        return any(regex.fullmatch("/".join(parts[:depth])) for regex in compiled
+                   for depth in range(1, len(parts) + 1))
+
+    return matches
 
 
-# With LoRA, these language-model parameters are still trained fully (the recipe's embeddings and lm_head).
-LORA_FULLY_TRAINED = ("language_model/embed_tokens", "language_model/lm_head")
+def trainable(patterns: Sequence[str], lora: LoraConfig | None = None) -> nnx.filterlib.Filter:
+    """An NNX filter selecting the parameters that train: those `patterns` select (see `path_matcher`).
+    With `lora`, the base weights under `lora.under` (the LLM) are frozen: there only the LoRA adapters and
+    the `lora.fully_trained` parts train, and only where `patterns` select them too."""
+    if not patterns:
+        raise ConfigError("config.trainable is empty: nothing would train; list the parameter patterns to "
+                          "train, e.g. ('mm_projector',), or ('.*',) for everything")
+    selected = path_matcher(patterns, "config.trainable")
+    frozen = fully_trained = None
+    if lora is not None:
+        prefix = f"{re.escape(lora.under)}/" if lora.under else ""
+        frozen = path_matcher(re.escape(lora.under) if lora.under else ".*", "lora.under")
+        fully_trained = path_matcher([f"{prefix}(?:{part})" for part in lora.fully_trained], "lora.fully_trained")
 
-
-def trainable(stage: str, lora: bool = False) -> nnx.filterlib.Filter:
-    """An NNX filter selecting the parameters the stage trains. With `lora`, the language model's other
-    weights are frozen and its LoRA parameters trained instead (when the stage trains the LLM)."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown training stage {stage!r}; choose one of {sorted(STAGES)}")
-    prefixes = STAGES[stage]
-    trains_llm = any("language_model".startswith(prefix) for prefix in prefixes)
-
-    def selected(path, variable) -> bool:
+    def trains(path: tuple, variable: Any) -> bool:
         if not isinstance(variable, nnx.Param):
             return False
         name = "/".join(map(str, path))
-        if lora and name.startswith("language_model"):
-            return trains_llm and (isinstance(variable, LoraParam) or name.startswith(LORA_FULLY_TRAINED))
-        return any(name.startswith(prefix) for prefix in prefixes)
+        if not selected(name):
+            return False
+        if frozen is None or not frozen(name):
+            return True
+        return isinstance(variable, LoraParam) or fully_trained(name)
 
-    return selected
+    return trains
+
+
+def unmatched_patterns(patterns: Sequence[str], model: nnx.Module) -> list[str]:
+    """The patterns that select no parameter of `model` (a typo, or a part this model does not have)."""
+    patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
+    names = ["/".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    return [pattern for pattern in patterns
+            if not any(map(path_matcher((pattern,), "config.trainable"), names))]
 
 
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, wrt: nnx.filterlib.Filter, *,
@@ -92,10 +112,14 @@ def lora_of(config: ConfigDict) -> LoraConfig | None:
 
 
 def optimizer_of(config: ConfigDict) -> tuple[OptimConfig, Any]:
-    """(optimiser config, trainable filter) of a config: what trains at its stage, with or without LoRA."""
+    """(optimiser config, trainable filter) of a config: what `config.trainable` selects, with or without
+    LoRA."""
+    if "trainable" not in config:
+        raise ConfigError("the config has no `trainable`: set config.trainable to the parameter patterns that "
+                          "train, e.g. ('mm_projector', 'language_model/embed_tokens'), or ('.*',) for everything")
     optim = OptimConfig(**{**config.optim.to_dict(),
                            "total_steps": max(1, config.total_steps // config.optim.get("accumulation_steps", 1))})
-    return optim, trainable(config.stage, lora=lora_of(config) is not None)
+    return optim, trainable(config.trainable, lora_of(config))
 
 
 def task_step(task: Task, graphdef: nnx.GraphDef, wrt: Any, shardings: Any, mesh: jax.sharding.Mesh) -> Any:

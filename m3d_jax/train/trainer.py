@@ -1,5 +1,5 @@
 """The training loop, shared by every model family (`config.task`: lamed, clip; see `tasks.py`): a mesh
-from the config, the model created sharded (and filled from pretrained checkpoints), LoRA, the stage's
+from the config, the model created sharded (and filled from pretrained checkpoints), LoRA, the config's
 trainable filter, one jitted step with donated state, Orbax checkpoints (async every K steps, keep N,
 saved on preemption, restored onto any mesh) that include the data iterator's position, metrics with
 tokens/s and MFU, periodic eval (loss on the eval sources plus the task's own metrics), and at the end a
@@ -33,7 +33,7 @@ from m3d_jax.train.metrics import MetricWriter
 from m3d_jax.train.optim import OptimConfig, make_optimizer, schedule
 from m3d_jax.train.plan import unsharded_hardware_flops
 from m3d_jax.train.resume import check_resume, rescale_position
-from m3d_jax.train.step import lora_of, optimizer_of, task_step
+from m3d_jax.train.step import lora_of, optimizer_of, task_step, unmatched_patterns
 from m3d_jax.train.tasks import Task, get_task
 
 KILL_AT_SAVE = "M3D_JAX_FAULT_KILL_AT_SAVE"  # fault injection for tests: SIGKILL right after this step's save starts
@@ -76,6 +76,9 @@ def setup(config: ConfigDict) -> Setup:
         apply_lora(model, lora, rngs=nnx.Rngs(config.seed + 1))
         model = shard_model(model, mesh)
     optim, wrt = optimizer_of(config)
+    for pattern in unmatched_patterns(config.trainable, model):
+        logging.warning("config.trainable: %r selects no parameter of this model (a typo, or a part it lacks)",
+                        pattern)
     optimizer = nnx.Optimizer(model, make_optimizer(optim), wrt=wrt)
     replicate_strays(optimizer, mesh)
     return Setup(task, mesh, tokenizer, model_config, model, optimizer, optim, wrt)
@@ -104,17 +107,21 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
     spec = run.task.sample_spec(config, model_config, train=True)
     dataset = build_mixture(config.data, run.tokenizer, spec, seed=config.seed, process_index=process,
                             process_count=processes)
-    iterator = iterate(dataset, threads=config.data.get("threads") or None)
-
     ckpt = Checkpoints(os.path.join(workdir, "checkpoints"), every=config.checkpoint.every, keep=config.checkpoint.keep,
                        async_save=config.checkpoint.get("async_save", True))
-    start = _resume(ckpt, config, state, iterator, skipping=spec.skip_bad_records, processes=processes)
+    preempted = _Preemption(ckpt, processes)  # before the readers start: a signal from here on stops the run cleanly
+    try:
+        iterator = iterate(dataset, threads=config.data.get("threads") or None)
+        start = _resume(ckpt, config, state, iterator, skipping=spec.skip_bad_records, processes=processes)
+    except BaseException:
+        preempted.restore()
+        ckpt.close()
+        raise
 
     writer = MetricWriter(workdir, config.total_steps, start, enabled=primary, progress=config.get("progress", True))
     writer.message(f"training {type(model_config).__name__}: {_count(state, run.wrt, graphdef)} on mesh "
                    f"{dict(mesh.shape)} ({jax.device_count()} devices, {processes} processes), steps {start}→"
                    f"{config.total_steps}")
-    preempted = _Preemption(ckpt, processes)
     lr = schedule(run.optim_config)
     base_key = jax.random.key(config.seed + 2)
     samples_log = (open(os.path.join(workdir, f"samples_p{process}.jsonl"), "a")  # this process's rows

@@ -113,7 +113,7 @@ def main(argv):
     torch_model = _torch_model(run) if use_torch else None
     seconds, flops, utilisations = _time_jax(config, run, batch)
     print(f"{device.platform} {device.device_kind} × {jax.device_count()}, mesh {dict(run.mesh.shape)}, "
-          f"batch {config.data.batch_size} × {config.data.max_length} tokens, stage {config.stage}")
+          f"batch {config.data.batch_size} × {config.data.max_length} tokens, training {', '.join(config.trainable)}")
     line = f"JAX step {seconds * 1e3:.1f} ms, {tokens / seconds:.0f} tokens/s"
     line += f", model {flops.model / 1e9:.2f} GFLOP/step = {flops.model / seconds / 1e9:.1f} GFLOP/s"
     if flops.hardware:
