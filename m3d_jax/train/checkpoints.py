@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import tempfile
 import time
@@ -79,14 +80,21 @@ class Checkpoints:
         self.manager.close()
 
 
-_CLOSED_LOOP = "RuntimeError: Event loop is closed"
+# TensorStore's reader threads print this traceback for each array read that completes after a failed one
+# made Orbax close its event loop; several threads print at once, so their lines interleave.
+_CLOSED_LOOP_NOISE = re.compile(
+    r"Traceback \(most recent call last\):\n?"
+    r"|  File \"[^\"]*asyncio[/\\]base_events\.py\", line \d+, in \w+\n?"
+    r"|    self\._check_closed\(\)\n?"
+    r"|    raise RuntimeError\('Event loop is closed'\)\n?"
+    r"|RuntimeError: Event loop is closed\n?")
 
 
 @contextlib.contextmanager
 def _without_closed_loop_noise():
     """Runs a restore with the process's stderr (fd 2) captured, then writes it back without the
     tracebacks TensorStore's reader threads print when one array read fails: the others complete after
-    Orbax has closed its event loop, and each prints "Event loop is closed" (70 of them for a small model)
+    Orbax has closed its event loop, and each prints "Event loop is closed" (about 70 for a small model)
     below the one error that matters."""
     sys.stderr.flush()
     saved = os.dup(2)
@@ -102,23 +110,15 @@ def _without_closed_loop_noise():
             os.dup2(saved, 2)
             os.close(saved)
             capture.seek(0)
-            sys.stderr.write(_drop_tracebacks(capture.read().decode(errors="replace"), _CLOSED_LOOP))
+            sys.stderr.write(_drop_closed_loop_noise(capture.read().decode(errors="replace")))
             sys.stderr.flush()
 
 
-def _drop_tracebacks(text: str, final_line: str) -> str:
-    """`text` without the tracebacks that end in `final_line`."""
-    kept, block = [], []
-    for line in text.splitlines(keepends=True):
-        if block or line.startswith("Traceback (most recent call last):"):
-            block.append(line)
-            if not line[:1].isspace() and not line.startswith("Traceback"):
-                if line.rstrip("\n") != final_line:
-                    kept.extend(block)
-                block = []
-        else:
-            kept.append(line)
-    return "".join(kept + block)
+def _drop_closed_loop_noise(text: str) -> str:
+    if "Event loop is closed" not in text:
+        return text
+    lines = _CLOSED_LOOP_NOISE.sub("", text).splitlines(keepends=True)
+    return "".join(line for line in lines if line.strip() and set(line.strip()) != {"^"})
 
 
 def abstract_like(state: Any) -> Any:
