@@ -103,7 +103,7 @@ def _without_closed_loop_noise():
         try:
             yield
         except BaseException:
-            time.sleep(0.2)  # reads still in flight finish (and print) now, not after fd 2 is back
+            _wait_until_quiet(capture.fileno())  # reads still in flight print now, not after fd 2 is back
             raise
         finally:
             sys.stderr.flush()
@@ -112,6 +112,14 @@ def _without_closed_loop_noise():
             capture.seek(0)
             sys.stderr.write(_drop_closed_loop_noise(capture.read().decode(errors="replace")))
             sys.stderr.flush()
+
+
+def _wait_until_quiet(fd: int, *, interval: float = 0.2, limit: float = 5.0) -> None:
+    """Waits until nothing more is written to `fd` for one `interval` (at most `limit` seconds)."""
+    deadline, size = time.monotonic() + limit, -1
+    while time.monotonic() < deadline and os.fstat(fd).st_size != size:
+        size = os.fstat(fd).st_size
+        time.sleep(interval)
 
 
 def _drop_closed_loop_noise(text: str) -> str:
