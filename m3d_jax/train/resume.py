@@ -55,8 +55,10 @@ def guarded_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
             if key not in unknown and _guarded(key) and old.get(key) != new.get(key)}
 
 
-def _allowed(key: str, allowed: list[str]) -> bool:
-    return any(key == root or key.startswith(root + ".") for root in allowed)
+def _allowed(key: str, config) -> bool:
+    """Whether `config.resume.allow_changes` (comma-separated keys or prefixes) lists `key`."""
+    listed = str(config.get("resume", {}).get("allow_changes", "")).split(",")
+    return any(key == root or key.startswith(root + ".") for root in (item.strip() for item in listed) if root)
 
 
 def check_resume(saved_json: str, config, checkpoint: str) -> BatchChange | None:
@@ -65,12 +67,11 @@ def check_resume(saved_json: str, config, checkpoint: str) -> BatchChange | None
     change to apply to the data position, if any."""
     current = json.loads(config.to_json())
     changes = guarded_changes(json.loads(saved_json), current)
-    allowed = [key.strip() for key in str(config.get("resume", {}).get("allow_changes", "")).split(",") if key.strip()]
     batch = None
     if BATCH_KEY in changes:
         old, new = changes.pop(BATCH_KEY)
         batch = BatchChange(int(old), int(new))
-    refused = {key: change for key, change in changes.items() if not _allowed(key, allowed)}
+    refused = {key: change for key, change in changes.items() if not _allowed(key, config)}
     if refused:
         listed = "; ".join(f"{key}: {_short(old)} → {_short(new)}" for key, (old, new) in refused.items())
         raise ConfigError(f"{checkpoint}: the config changed since this checkpoint was saved ({listed}); "
@@ -103,8 +104,7 @@ def rescale_position(state: dict, change: BatchChange, *, per_row: bool, process
         logging.warning("resuming at global sample %d with data.batch_size %d (was %d)", samples, change.new,
                         change.old)
         return dict(state, next_index=moved * new_local if per_row else moved)
-    allowed = str(config.get("resume", {}).get("allow_changes", ""))
-    if not _allowed(BATCH_KEY, [key.strip() for key in allowed.split(",")]):
+    if not _allowed(BATCH_KEY, config):
         where = f"{samples} samples" if not partial else "a position between batches"
         raise ConfigError(f"{checkpoint}: data.batch_size changed {change.old} → {change.new}, and the data "
                           f"position ({where}) is not a whole number of new batches, so the resume cannot be "

@@ -66,8 +66,8 @@ def setup(config: ConfigDict) -> Setup:
     """Mesh, tokenizer, sharded model (pretrained parts loaded, LoRA applied) and optimizer of a config."""
     task = get_task(config.get("task", "lamed"))
     mesh = make_mesh(MeshConfig(**config.mesh))
-    check_batch_sizes(mesh, {key: config[key.split(".")[0]].get(key.split(".")[1])
-                             for key in ("data.batch_size", "eval.batch_size") if key.split(".")[0] in config})
+    check_batch_sizes(mesh, {"data.batch_size": config.data.get("batch_size"),
+                             "eval.batch_size": config.get("eval", {}).get("batch_size")})
     tokenizer, model_config, make_model = task.build(config)
     lora = lora_of(config)
     model = create_sharded(make_model, mesh)
