@@ -6,5 +6,11 @@ class InputError(ValueError):
     """Bad input; the message names the file or key and the problem, and says what to do where it can."""
 
 
+def first_line(error: BaseException) -> str:
+    """"<ErrorType>: <first non-blank line of its message>", for one-line reports of a library's error."""
+    text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 class ConfigError(InputError):
     """A config value or key is wrong (unknown key, wrong type, a batch the mesh does not divide)."""

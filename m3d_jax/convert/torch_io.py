@@ -28,7 +28,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from m3d_jax.errors import InputError
+from m3d_jax.errors import InputError, first_line
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -169,7 +169,7 @@ class _BinFile:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except pickle.UnpicklingError as err:
             if "Weights only load failed" not in str(err):
-                raise CheckpointReadError(f"{path}: cannot read as a PyTorch checkpoint ({_first_line(err)}); "
+                raise CheckpointReadError(f"{path}: cannot read as a PyTorch checkpoint ({first_line(err)}); "
                                           "the file may be truncated or corrupt") from None
             # torch's own message suggests allow-listing the payload's callable: never repeat that advice.
             found = re.search(r"GLOBAL ([\w.]+)", str(err))
@@ -180,7 +180,7 @@ class _BinFile:
             ) from None
         except Exception as err:  # torch raises RuntimeError/EOFError/... for bad files
             raise CheckpointReadError(
-                f"{path}: cannot read as a PyTorch checkpoint ({_first_line(err)}); "
+                f"{path}: cannot read as a PyTorch checkpoint ({first_line(err)}); "
                 "the file may be truncated, corrupt, or saved in the legacy non-zip format"
             ) from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -196,11 +196,6 @@ class _BinFile:
         if tensor.dtype == torch.bfloat16:
             return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return tensor.numpy()
-
-
-def _first_line(err: Exception) -> str:
-    text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def _torch_to_numpy_dtype(torch_dtype, path: Path, key: str) -> np.dtype:

@@ -25,6 +25,7 @@ from ml_collections import ConfigDict
 
 from m3d_jax.convert.torch_io import CheckpointReadError
 from m3d_jax.data.pipeline import build_mixture, iterate, to_global_arrays
+from m3d_jax.errors import first_line
 from m3d_jax.sharding import MeshConfig, check_batch_sizes, create_sharded, make_mesh, replicate_strays, shard_model
 from m3d_jax.train.checkpoints import Checkpoints, abstract_like
 from m3d_jax.train.flops import peak_flops, step_flops, utilisation
@@ -240,8 +241,7 @@ def _resume(ckpt: Checkpoints, config: ConfigDict, state: nnx.State, iterator, *
 
 
 def _one_line(error: Exception) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+    return first_line(error)[:300]
 
 
 def _ensure_phantoms(data: ConfigDict, primary: bool) -> None:
