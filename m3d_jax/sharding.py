@@ -81,6 +81,12 @@ class MeshConfig:
         return tuple(ici), dcn
 
 
+def on_host() -> contextlib.AbstractContextManager:
+    """A context placing eagerly created arrays in host memory (whole-model conversions, pretrained weights
+    loaded before they are placed on the mesh)."""
+    return jax.default_device(jax.local_devices(backend="cpu")[0])
+
+
 def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
     """The (data, fsdp, tensor) mesh over `devices` (default: all), slices along the DCN axes."""
     devices = list(devices) if devices is not None else jax.devices()

@@ -17,7 +17,7 @@ import safetensors
 import torch
 from flax import nnx
 
-from m3d_jax.convert.checkpoint import detect, jax_to_torch, load_jax, save_jax, torch_to_jax
+from m3d_jax.convert import detect, jax_to_torch, load, save_jax, torch_to_jax
 from m3d_jax.convert.decoder import decoder_keymap
 from m3d_jax.convert.keymap import write_state
 from m3d_jax.convert.torch_io import CheckpointReader, CheckpointReadError, OutputExistsError, atomic_output
@@ -72,7 +72,7 @@ def test_conversion_into_an_earlier_sharded_conversion_is_refused_and_overwrite_
     torch_to_jax(source, dst, overwrite=True)  # one file now: the stale index and shards must be gone
     assert sorted(p.name for p in dst.iterdir()) == ["config.json", "model.safetensors"]
     assert _siblings(dst) == []
-    assert load_jax(dst).config == TINY_LLAMA
+    assert load(dst).config == TINY_LLAMA
 
 
 def test_reader_refuses_a_folder_whose_index_and_files_disagree(source, tmp_path):
@@ -86,7 +86,7 @@ def test_reader_refuses_a_folder_whose_index_and_files_disagree(source, tmp_path
     (dst / "model.safetensors").unlink()
     (dst / shards[-1]).unlink()
     with pytest.raises(CheckpointReadError, match=rf"index\.json: lists shard '{shards[-1]}', which is missing"):
-        load_jax(dst)
+        load(dst)
 
 
 @pytest.mark.parametrize("where", ["same", "inside", "holding"])
@@ -118,7 +118,7 @@ def test_a_crash_while_overwriting_leaves_the_old_folder_whole(source, tmp_path,
         torch_to_jax(source, dst, overwrite=True, max_shard_bytes=SMALL_SHARDS)
     assert _snapshot(dst) == before and _siblings(dst) == []
     monkeypatch.undo()
-    assert load_jax(dst).config == TINY_LLAMA
+    assert load(dst).config == TINY_LLAMA
 
 
 def test_writers_refuse_a_non_empty_folder_and_overwrite_drops_what_was_there(tmp_path):
@@ -250,13 +250,13 @@ def test_a_broken_config_json_is_named_with_its_problem(source, tmp_path, case):
     assert not (tmp_path / "dst").exists()
 
 
-def test_load_jax_names_a_broken_config_json(released, tmp_path):
+def test_load_names_a_broken_config_json(released, tmp_path):
     folder = Path(shutil.copytree(released.parent / "jax", tmp_path / "jax"))
     hf = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(hf | {"vocab_size": 64.0}))
     message = r"config\.json: DecoderConfig\.vocab_size \(key 'vocab_size'\) must be an integer, got 64\.0"
     with pytest.raises(CheckpointReadError, match=message):
-        load_jax(folder)
+        load(folder)
 
 
 # 4. The command line

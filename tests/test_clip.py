@@ -18,8 +18,7 @@ from flax import nnx
 from safetensors.torch import load_file, save_file
 
 from conftest import TINY, make_monai_vit, prefixed_state_dict
-from m3d_jax.convert.checkpoint import jax_to_torch, load_jax, torch_to_jax
-from m3d_jax.convert.clip import export_clip, load_clip
+from m3d_jax.convert import export, jax_to_torch, load, read_released, torch_to_jax
 from m3d_jax.convert.keymap import CheckpointMismatchError
 from m3d_jax.convert.text_encoder import load_bert
 from m3d_jax.models.clip import LOGIT_SCALE_INIT, ClipConfig, M3DClip, clip_loss
@@ -140,7 +139,7 @@ def write_released_clip(folder) -> TorchM3DClip:
 
 def test_m3d_clip_matches_torch_composition_features_loss_and_gradients(tmp_path):
     reference = write_released_clip(tmp_path / "clip")
-    model, _ = load_clip(tmp_path / "clip")
+    model, _ = read_released(tmp_path / "clip")
     rng = np.random.default_rng(0)
     images = rng.random((4, 1, *TINY.image_size), dtype=np.float32)
     ids = rng.integers(1, 99, (4, 10))
@@ -173,14 +172,14 @@ def test_standard_logit_scale_is_exp_and_clamped():
 def test_released_clip_round_trip_is_bit_identical_and_detected(tmp_path):
     write_released_clip(tmp_path / "clip")
     original = load_file(str(tmp_path / "clip" / "model.safetensors"))
-    model, _ = load_clip(tmp_path / "clip")
-    export_clip(model, tmp_path / "export")
+    model, _ = read_released(tmp_path / "clip")
+    export(model, tmp_path / "export")
     exported = load_file(str(tmp_path / "export" / "model.safetensors"))
     assert sorted(exported) == sorted(original)
     assert all(torch.equal(exported[k], original[k]) for k in original)
     # The folder converters detect model_type m3d_clip both ways.
     torch_to_jax(tmp_path / "clip", tmp_path / "jax")
-    assert isinstance(load_jax(tmp_path / "jax"), M3DClip)
+    assert isinstance(load(tmp_path / "jax"), M3DClip)
     jax_to_torch(tmp_path / "jax", tmp_path / "back")
     back = load_file(str(tmp_path / "back" / "model.safetensors"))
     assert all(torch.equal(back[k], original[k]) for k in original)

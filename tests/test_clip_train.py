@@ -45,7 +45,7 @@ def test_text_ids_truncate_like_bert_and_pad():
 
 
 def test_clip_phantoms_trains_reports_retrieval_and_exports(tmp_path):
-    from m3d_jax.convert.clip import load_clip_folder
+    from m3d_jax.convert import load
     from m3d_jax.data.phantoms import write_phantoms
 
     root = write_phantoms(tmp_path / "phantoms", num_cases=40, seed=0)
@@ -66,7 +66,7 @@ def test_clip_phantoms_trains_reports_retrieval_and_exports(tmp_path):
         assert 0 <= recalls[0] <= recalls[1] <= recalls[2] <= 100
     export = tmp_path / "run" / "pytorch"
     assert json.loads((export / "config.json").read_text())["model_type"] == "m3d_clip"
-    model = load_clip_folder(export)
+    model = load(export, expect="clip")
     assert model.config.text.hidden_size == 64 and (export / "tokenizer.json").exists()
 
 

@@ -13,7 +13,8 @@ import torch
 from flax import nnx
 from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
 
-from m3d_jax.convert.decoder import export_hf_decoder, load_hf_decoder
+from m3d_jax.convert import read_released
+from m3d_jax.convert.decoder import export_hf_decoder
 from m3d_jax.generate import SamplingConfig, generate, left_pad, sample_logits
 from m3d_jax.models.decoder import Decoder, DecoderConfig
 from m3d_jax.models.decoder_presets import PRESETS
@@ -63,7 +64,7 @@ def converted(tmp_path_factory):
             hf = _hf_model(case)
             folder = tmp_path_factory.mktemp(case)
             hf.save_pretrained(folder)
-            model, _ = load_hf_decoder(folder)
+            model, _ = read_released(folder, expect="decoder")
             cache[case] = (hf, model, folder)
         return cache[case]
 

@@ -19,7 +19,8 @@ from transformers import LlamaConfig, Phi3Config, Phi3ForCausalLM
 
 from conftest import word_tokenizer
 from m3d_jax.convert.keymap import torch_shapes
-from m3d_jax.convert.lamed import export_language_model, export_lamed, lamed_keymap, load_lamed
+from m3d_jax.convert import export, read_released
+from m3d_jax.convert.lamed import export_language_model, lamed_keymap
 from m3d_jax.convert.torch_io import CheckpointReader
 from m3d_jax.generate import SamplingConfig
 from m3d_jax.models.decoder_presets import llama2_7b, phi3_mini_4k
@@ -71,7 +72,7 @@ def phi3_lamed(tmp_path_factory):
     reference = tiny_torch_lamed("phi3", segmentation=True)
     folder = tmp_path_factory.mktemp("lamed_phi3")
     _save_released(reference, folder)
-    model, report = load_lamed(folder)
+    model, report = read_released(folder)
     return reference, model, folder
 
 
@@ -175,9 +176,9 @@ def test_generation_segments_at_seg_and_matches_forward(phi3_lamed, rng):
 def test_released_layout_round_trip_is_bit_identical(architecture, segmentation, tmp_path):
     reference = tiny_torch_lamed(architecture, segmentation)
     _save_released(reference, tmp_path / "src")
-    model, report = load_lamed(tmp_path / "src")
+    model, report = read_released(tmp_path / "src")
     assert report.ignored == []
-    export_lamed(model, tmp_path / "out", max_shard_bytes=1_000_000)
+    export(model, tmp_path / "out", max_shard_bytes=1_000_000)
     original = reference.released_state_dict()
     reader = CheckpointReader(tmp_path / "out")
     assert sorted(reader.keys()) == sorted(original)
@@ -275,7 +276,7 @@ def test_released_layout_errors_name_the_key(phi3_lamed, tmp_path):
     save_file(state, str(tmp_path / "bad" / "model.safetensors"))
     (tmp_path / "bad" / "config.json").write_text((folder / "config.json").read_text())
     with pytest.raises(CheckpointMismatchError) as error:
-        load_lamed(tmp_path / "bad")
+        read_released(tmp_path / "bad")
     message = str(error.value)
     assert "missing keys: model.seg_module.mask_decoder.txt_align_upscaled_embedding.weight" in message
     assert "model.mm_projector.projector.2.weight (file model.safetensors: [64, 5], expected [64, 64])" in message

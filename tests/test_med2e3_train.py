@@ -92,7 +92,7 @@ def test_stage1_trains_connectors_only(phantoms):
 
 
 def test_tiny_med2e3_trains_on_phantoms_and_exports(phantoms, tmp_path):
-    from m3d_jax.convert.med2e3 import load_med2e3
+    from m3d_jax.convert import read_released
 
     command = [sys.executable, "-m", "m3d_jax.train", f"--config={ROOT / 'configs' / 'med2e3.py'}:phantoms",
                f"--workdir={tmp_path / 'run'}", f"--config.data.root={phantoms}", "--config.total_steps=24",
@@ -107,5 +107,5 @@ def test_tiny_med2e3_trains_on_phantoms_and_exports(phantoms, tmp_path):
     assert losses[24] < 0.7 * losses[6], losses
     final = [row for row in rows if row["split"] == "eval"][-1]
     assert 1 / 32 <= final["slice_score_peak"] <= 1.0 and 0.0 <= final["vqa_closed_accuracy"] <= 1.0
-    model, _ = load_med2e3(tmp_path / "run" / "pytorch")
+    model, _ = read_released(tmp_path / "run" / "pytorch")
     assert model.config.num_visual_tokens == 16 + 16  # pooled 3D tokens (4·2·2) + SigLIP patches ((64/16)²)

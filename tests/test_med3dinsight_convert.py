@@ -118,7 +118,7 @@ def test_backbone_for_fine_tuning_keeps_or_reinitialises_the_segmentation_head(e
 
 
 def test_convert_tool_reads_the_sizes_from_the_state_dict_and_round_trips(exported, tmp_path):
-    from m3d_jax.convert.checkpoint import detect, jax_to_torch, load_jax, torch_to_jax
+    from m3d_jax.convert import detect, jax_to_torch, load, torch_to_jax
 
     model, path = exported
     kind, config = detect(path)
@@ -127,7 +127,7 @@ def test_convert_tool_reads_the_sizes_from_the_state_dict_and_round_trips(export
                                                                       window_sizes=(4, 2, 2, 1)))
     assert config == expected  # windows as the 32³ crop shrank them; crop 128³ and 8 PSAT heads by default
     torch_to_jax(path, tmp_path / "jax")
-    loaded = load_jax(tmp_path / "jax")
+    loaded = load(tmp_path / "jax")
     ours = _params(model)
     assert all(np.array_equal(value, ours[key]) for key, value in _params(loaded).items())
     jax_to_torch(tmp_path / "jax", tmp_path / "back.pth")

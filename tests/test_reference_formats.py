@@ -17,9 +17,7 @@ from flax import nnx
 from safetensors.torch import save_file
 from test_med2e3 import EMBED, NUM_2D, NUM_3D, TorchMed2E3, _inputs, _randomise, write_released
 
-from m3d_jax.convert.checkpoint import detect
-from m3d_jax.convert.clip import export_clip, load_clip
-from m3d_jax.convert.med2e3 import load_med2e3
+from m3d_jax.convert import detect, export, read_released
 from m3d_jax.models.clip import ClipConfig
 from m3d_jax.models.med2e3 import Med2E3Config
 from m3d_jax.models.vit3d import ViT3DConfig
@@ -163,7 +161,7 @@ def test_m3d_clip_with_a_non_default_bert_loads_from_the_shapes_and_matches_tran
               patch_size=[4, 16, 16], hidden_size=32, mlp_dim=64, num_layers=1, num_heads=2, pos_embed="perceptron",
               max_text_len=16, vocab_size=30522)
     (tmp_path / "clip" / "config.json").write_text(json.dumps(hf))
-    model, _ = load_clip(tmp_path / "clip")
+    model, _ = read_released(tmp_path / "clip")
     _assumed_heads_warning(caplog, tmp_path / "clip")
     assert model.config.embed_dim == 40 and model.config.language_model_name_or_path == "org/bert-small"
     assert detect(tmp_path / "clip")[1] == model.config
@@ -174,10 +172,10 @@ def test_m3d_clip_with_a_non_default_bert_loads_from_the_shapes_and_matches_tran
         expected = F.normalize(language_proj(cls), dim=-1).numpy()
     ours = nnx.jit(lambda m, *args: m.encode_text(*args))(model, jnp.asarray(ids), jnp.asarray(mask))
     assert np.abs(np.asarray(ours) - expected).max() <= 1e-5
-    export_clip(model, tmp_path / "export")  # the export records every size, and the BERT's name
+    export(model, tmp_path / "export")  # the export records every size, and the BERT's name
     exported = json.loads((tmp_path / "export" / "config.json").read_text())
     assert exported["language_model_name_or_path"] == "org/bert-small"
-    assert load_clip(tmp_path / "export")[0].config == model.config
+    assert read_released(tmp_path / "export")[0].config == model.config
 
 
 def test_med2e3_vision3d_model_with_a_non_default_bert_loads_from_the_shapes(tmp_path, caplog):
@@ -191,7 +189,7 @@ def test_med2e3_vision3d_model_with_a_non_default_bert_loads_from_the_shapes(tmp
     for key in ("text_config", "embed_dim", "vocab_size"):  # what the released vision3d_model_config lacks
         hf["vision3d_model_config"].pop(key)
     config_path.write_text(json.dumps(hf))
-    model, _ = load_med2e3(tmp_path / "released")
+    model, _ = read_released(tmp_path / "released")
     _assumed_heads_warning(caplog, tmp_path / "released" / "vision3d_model")
     assert model.config.vision3d.embed_dim == 24
     _check_bert(model.vision3d_model.language_encoder, reference.bert)

@@ -79,8 +79,7 @@ def _assert_same_tensors(folder_a, folder_b):
 def test_convert_checkpoint_lamed_round_trip_and_load(tmp_path, rng):
     import jax.numpy as jnp
 
-    from m3d_jax.convert.checkpoint import load_jax
-    from m3d_jax.convert.lamed import load_lamed
+    from m3d_jax.convert import load, read_released
     from test_lamed import IMAGE_ID, NUM_IMAGE_TOKENS, _save_released, tiny_torch_lamed
 
     _save_released(tiny_torch_lamed("phi3", segmentation=True), tmp_path / "released")
@@ -90,8 +89,8 @@ def test_convert_checkpoint_lamed_round_trip_and_load(tmp_path, rng):
                "--max_shard_gb=0.001")
     assert (tmp_path / "back" / "model.safetensors.index.json").is_file()
     _assert_same_tensors(tmp_path / "released", tmp_path / "back")
-    model = load_jax(tmp_path / "jax")
-    reference, _ = load_lamed(tmp_path / "released")
+    model = load(tmp_path / "jax")
+    reference, _ = read_released(tmp_path / "released")
     images = jnp.asarray(rng.random((1, 1, 16, 64, 64), dtype=np.float32))
     ids = jnp.asarray([[1, *[IMAGE_ID] * NUM_IMAGE_TOKENS, 5, 6, 7]])
     np.testing.assert_array_equal(np.asarray(model(images, ids).logits), np.asarray(reference(images, ids).logits))
@@ -132,7 +131,7 @@ def test_convert_checkpoint_decoder_and_bare_vit(tmp_path):
 def test_parity_tool_passes_on_converted_weights_and_fails_on_a_perturbed_one(tmp_path):
     import jax.numpy as jnp
 
-    from m3d_jax.convert.checkpoint import load_jax, save_jax
+    from m3d_jax.convert import load, save_jax
     from m3d_jax.parity.reference import load_reference
     from test_lamed import _save_released, tiny_torch_lamed
 
@@ -145,7 +144,7 @@ def test_parity_tool_passes_on_converted_weights_and_fails_on_a_perturbed_one(tm
     out = _run("tools/parity.py", f"--ckpt={tmp_path / 'jax'}", f"--ref={tmp_path / 'ref.npz'}")
     assert "parity ok" in out and "100.0% equal" in out, out
 
-    model = load_jax(tmp_path / "jax")
+    model = load(tmp_path / "jax")
     kernel = model.mm_projector.layers[1].kernel
     kernel[...] = jnp.asarray(kernel[...]).at[0, 0].add(0.5)
     save_jax(model, tmp_path / "perturbed")

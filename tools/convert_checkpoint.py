@@ -21,11 +21,11 @@ DST must not exist or be empty: the output is written beside it and renamed into
 an interrupted conversion leaves no DST that looks complete. --overwrite replaces an existing DST whole
 (never merging into it); DST may never be SRC, lie inside it or hold it.
 
-Med-2E3 is converted through the whole model in host memory instead (its layout spans several folders;
-~4.4 B parameters, ~18 GB in float32): torch2jax loads every part, including the trained
+Med-2E3 streams part by part like the others: torch2jax reads every part, including the trained
 vision3d_connector text_mlp that the reference's own loader drops, and jax2torch writes the released
-folders back (each part as model.safetensors, connectors included; the LLM sharded at 5 GiB,
---max_shard_gb does not apply). The tokenizer files at the released root are not copied.
+folders back (each part as safetensors with its own config.json where the reference has one, sharded at
+--max_shard_gb). The tokenizer files at the released root are not copied. Med3DInsight goes through the
+whole model in host memory (its .pth holds recomputed index buffers as well as the parameters).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing, non-emp
 def main(argv):
     if len(argv) != 4 or argv[1] not in ("torch2jax", "jax2torch"):
         raise app.UsageError("usage: convert_checkpoint.py {torch2jax,jax2torch} SRC DST")
-    from m3d_jax.convert.checkpoint import detect, jax_to_torch, torch_to_jax
+    from m3d_jax.convert import detect, jax_to_torch, torch_to_jax
     from m3d_jax.convert.torch_io import check_output
 
     direction, src, dst = argv[1:]

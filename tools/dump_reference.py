@@ -21,7 +21,7 @@ import torch
 from absl import flags
 
 from m3d_jax.cli import run
-from m3d_jax.convert.decoder import read_hf_config
+from m3d_jax.convert import kind
 from m3d_jax.data.volume import load_volume, preprocess
 from m3d_jax.errors import InputError
 from m3d_jax.models.lamed import LamedConfig
@@ -41,7 +41,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random volume / text.")
 def main(argv: list[str]) -> None:
     del argv
     folder = Path(_CKPT.value)
-    hf = read_hf_config(folder)
+    hf = kind.read_config_json(folder / "config.json")
     reference = TorchLamed.from_folder(folder)
     rng = np.random.default_rng(_SEED.value)
     size = tuple(hf["image_size"])

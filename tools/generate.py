@@ -28,15 +28,14 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute
 
 def main(argv):
     del argv
-    from m3d_jax.convert.decoder import load_hf_decoder, read_hf_config
+    from m3d_jax.convert import read_released
     from m3d_jax.generate import SamplingConfig, generate, left_pad
     from m3d_jax.tokenizer import load_tokenizer
 
     if not _PROMPTS.value:
         raise InputError("give at least one --prompt")
-    read_hf_config(_CKPT.value)  # a folder that is not a model is named before transformers reads it
+    model, report = read_released(_CKPT.value, expect="decoder", dtype=_DTYPE.value)  # names a bad folder first
     tokenizer = load_tokenizer(_CKPT.value)
-    model, report = load_hf_decoder(_CKPT.value, dtype=_DTYPE.value)
     config = model.config
     print(f"loaded {_CKPT.value}: {config.architecture}, {config.num_layers} layers, {report.converted} tensors")
     if _CHAT.value:

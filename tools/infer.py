@@ -44,22 +44,22 @@ def main(argv):
     del argv
     start = time.perf_counter()
     volume = load_volume(_VOLUME.value)  # a bad volume fails before jax is imported and the model loaded
-    from m3d_jax.convert.checkpoint import is_med2e3
+    from m3d_jax.convert import detect, load
 
-    (infer_med2e3 if is_med2e3(_CKPT.value) else infer_lamed)(volume)
+    kind = detect(_CKPT.value)[0].name
+    model = load(_CKPT.value, expect=("lamed", "med2e3"))
+    (infer_med2e3 if kind == "med2e3" else infer_lamed)(model, volume)
     print(f"({time.perf_counter() - start:.1f} s)")
 
 
-def infer_med2e3(volume: Volume):
+def infer_med2e3(model, volume: Volume):
     import numpy as np
 
-    from m3d_jax.convert.checkpoint import load_med2e3_folder
     from m3d_jax.data.med2e3_samples import Med2E3Tokenizers
     from m3d_jax.eval.bench import BenchSettings, generate_med2e3_answers
     from m3d_jax.tokenizer import load_tokenizer
     from m3d_jax.train.clip_task import tokenizer_folder
 
-    model = load_med2e3_folder(_CKPT.value)
     tokenizers = Med2E3Tokenizers(load_tokenizer(_TOKENIZER.value or _CKPT.value),
                                   load_tokenizer(tokenizer_folder(_TEXT_TOKENIZER.value)))
     vision = model.config.vision3d.vision
@@ -79,16 +79,14 @@ def infer_med2e3(volume: Volume):
         print(f"  slice {int(j):>3}: {first}-{last}  {float(scores[0, j]):.4f}")
 
 
-def infer_lamed(volume: Volume):
+def infer_lamed(model, volume: Volume):
     import numpy as np
 
-    from m3d_jax.convert.lamed import load_lamed_folder
     from m3d_jax.generate import SamplingConfig
     from m3d_jax.inference import box_to_input, parse_boxes, save_mask, save_overlay, world_coordinates
     from m3d_jax.models.lamed import generate_lamed
     from m3d_jax.tokenizer import add_lamed_tokens, lamed_prompt_ids, load_tokenizer
 
-    model = load_lamed_folder(_CKPT.value)
     tokenizer = load_tokenizer(_TOKENIZER.value or _CKPT.value)
     add_lamed_tokens(tokenizer)
     config = model.config

@@ -27,7 +27,7 @@ import sys
 from absl import flags
 
 from m3d_jax.cli import run
-from m3d_jax.convert.checkpoint import is_med2e3
+from m3d_jax.convert import detect
 from m3d_jax.parity.compare import Tolerances, lamed_rows, med2e3_rows, print_rows
 
 _CKPT = flags.DEFINE_string("ckpt", None, "m3d-jax folder or released PyTorch folder.", required=True)
@@ -44,7 +44,7 @@ def main(argv: list[str]) -> None:
     del argv
     tol = Tolerances(atol=_ATOL.value, max_kl=_MAX_KL.value, seg_atol=_SEG_ATOL.value, score_atol=_SCORE_ATOL.value,
                      feature_atol=_FEATURE_ATOL.value)
-    rows = (med2e3_rows if is_med2e3(_CKPT.value) else lamed_rows)(_CKPT.value, _REF.value, tol)
+    rows = (med2e3_rows if detect(_CKPT.value)[0].name == "med2e3" else lamed_rows)(_CKPT.value, _REF.value, tol)
     sys.exit(0 if print_rows(rows) else 1)
 
 

@@ -8,15 +8,13 @@ The sizes a folder does not record are read from its tensor shapes (`clip_hf_wit
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-from flax import nnx
-
-from m3d_jax.convert.decoder import read_hf_config
-from m3d_jax.convert.keymap import LINEAR, ConversionReport, KeyMap, Rule, load_model, write_state
+from m3d_jax.convert.keymap import LINEAR, KeyMap, Rule
+from m3d_jax.convert.kind import Kind, Part, Source, read_config_json
 from m3d_jax.convert.text_encoder import (
     Shapes, assumed_num_heads, bert_config_from_shapes, bert_keymap, checkpoint_shapes, count_layers,
 )
@@ -69,33 +67,17 @@ def released_clip_hf(folder: str | os.PathLike, hf: Mapping[str, Any] | None = N
                      reader: CheckpointReader | None = None, key_prefix: str = "") -> dict[str, Any]:
     """The config.json dict of a released M3D-CLIP folder (`hf` if already read) with the unrecorded sizes
     read from its tensor shapes (`clip_hf_with_shapes`)."""
-    hf = read_hf_config(folder) if hf is None else hf
+    hf = read_config_json(Path(folder) / "config.json") if hf is None else hf
     return clip_hf_with_shapes(hf, checkpoint_shapes(reader or CheckpointReader(folder)), str(folder), key_prefix)
 
 
-def load_clip(folder: str | os.PathLike, **overrides) -> tuple[M3DClip, ConversionReport]:
-    """Loads a released M3D-CLIP folder (config.json + safetensors or .bin)."""
-    reader = CheckpointReader(folder)
-    config = ClipConfig.from_hf(released_clip_hf(folder, reader=reader))
-    config = dataclasses.replace(config, **overrides) if overrides else config
-    return load_model(reader, clip_keymap(config), lambda: M3DClip(config, rngs=nnx.Rngs(0)))
+def _recognise(source: Source) -> ClipConfig | None:
+    if source.hf is None or source.hf.get("model_type") != "m3d_clip":
+        return None
+    return KIND.parse(released_clip_hf(source.path, source.hf, source.reader), source.path / "config.json")
 
 
-def load_clip_folder(folder: str | os.PathLike) -> M3DClip:
-    """An m3d-jax M3D-CLIP parameter folder or a released PyTorch folder (converted in memory)."""
-    from m3d_jax.convert.checkpoint import KIND_KEY, load_jax
-
-    hf = read_hf_config(folder)
-    if hf.get(KIND_KEY) == "clip":
-        return load_jax(folder)
-    if KIND_KEY in hf or hf.get("model_type") != "m3d_clip":
-        raise CheckpointReadError(f"{os.path.join(folder, 'config.json')}: not an M3D-CLIP checkpoint "
-                                  f"(model_type {hf.get('model_type')!r}, kind {hf.get(KIND_KEY)!r})")
-    return load_clip(folder)[0]
-
-
-def export_clip(model: M3DClip, out_dir: str | os.PathLike, *, dtype=None, overwrite: bool = False) -> None:
-    """Writes the model in the released M3D-CLIP layout (config.json + safetensors); `overwrite` replaces
-    an existing `out_dir` whole."""
-    write_state(out_dir, clip_keymap(model.config), nnx.state(model), dtype=dtype, config=model.config.to_hf(),
-                overwrite=overwrite)
+KIND = Kind(
+    "clip", "M3D-CLIP", M3DClip, ClipConfig.from_hf, ClipConfig.to_hf, _recognise,
+    released="model_type m3d_clip", parts=(Part("", "", clip_keymap),),
+)

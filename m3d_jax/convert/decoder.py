@@ -3,18 +3,16 @@ load/export of a plain transformers causal-LM folder (config.json + safetensors)
 
 from __future__ import annotations
 
-import json
 import os
-
-import numpy as np
 from pathlib import Path
 
+import numpy as np
 from flax import nnx
 
 from m3d_jax.convert.keymap import (
-    LINEAR, ConversionReport, FusedLinear, KeyMap, Linear, Reshape, Rule, load_model, write_state,
+    LINEAR, FusedLinear, KeyMap, Linear, Reshape, Rule, write_state,
 )
-from m3d_jax.convert.torch_io import CheckpointReadError
+from m3d_jax.convert.kind import Kind, Part, Source
 from m3d_jax.models.decoder import Decoder, DecoderConfig
 
 _ATTN = "layers.self_attn"
@@ -61,22 +59,6 @@ def decoder_keymap(config: DecoderConfig) -> KeyMap:
     return KeyMap(f"decoder/{config.architecture}", tuple(rules), ignored=tuple(ignored))
 
 
-def read_hf_config(folder: str | os.PathLike) -> dict:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise CheckpointReadError(f"{path}: missing; a transformers model folder needs its config.json")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointReadError(f"{path}: not valid JSON ({err})") from None
-
-
-def load_hf_decoder(folder: str | os.PathLike, **overrides) -> tuple[Decoder, ConversionReport]:
-    """Loads a transformers Phi-3 / Llama folder; `overrides` replace config fields (e.g. dtype)."""
-    config = DecoderConfig.from_hf(read_hf_config(folder), **overrides)
-    return load_model(folder, decoder_keymap(config), lambda: Decoder(config, rngs=nnx.Rngs(0)))
-
-
 def export_hf_decoder(
     model: Decoder, out_dir: str | os.PathLike, *, dtype=None, max_shard_bytes: int = 5 * 2**30
 ) -> list[Path]:
@@ -87,3 +69,15 @@ def export_hf_decoder(
         hf_config["torch_dtype"] = np.dtype(dtype).name
     return write_state(out_dir, decoder_keymap(config), nnx.state(model, nnx.Param), dtype=dtype,
                        config=hf_config, max_shard_bytes=max_shard_bytes)
+
+
+def _recognise(source: Source) -> DecoderConfig | None:
+    if source.hf is None or source.hf.get("model_type") not in ("phi3", "llama"):
+        return None
+    return KIND.parse(source.hf, source.path / "config.json")
+
+
+KIND = Kind(
+    "decoder", "Phi-3 / Llama language model", Decoder, DecoderConfig.from_hf, DecoderConfig.to_hf, _recognise,
+    released="a transformers folder with model_type phi3 or llama", parts=(Part("", "", decoder_keymap),),
+)

@@ -1,17 +1,15 @@
-"""Released M3D-LaMed checkpoints (Phi-3 and Llama-2 variants, with or without the seg module) ↔ JAX,
-and export of the language model alone as a plain transformers folder."""
+"""Released M3D-LaMed checkpoints (Phi-3 and Llama-2 variants, with or without the seg module): their key
+map and kind, and export of the language model alone as a plain transformers folder."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from flax import nnx
-
-from m3d_jax.convert.decoder import decoder_keymap, export_hf_decoder, read_hf_config
-from m3d_jax.convert.keymap import LINEAR, ConversionReport, KeyMap, Rule, load_model, write_state
+from m3d_jax.convert.decoder import decoder_keymap, export_hf_decoder
+from m3d_jax.convert.keymap import LINEAR, KeyMap, Rule
+from m3d_jax.convert.kind import Kind, Part, Source
 from m3d_jax.convert.segvol import segvol_keymap
-from m3d_jax.convert.torch_io import CheckpointReadError
 from m3d_jax.convert.vit3d import vit3d_keymap
 from m3d_jax.models.lamed import Lamed, LamedConfig
 
@@ -38,33 +36,6 @@ def lamed_keymap(config: LamedConfig) -> KeyMap:
     return KeyMap.combine(f"lamed/{config.decoder.architecture}", *parts)
 
 
-def load_lamed(folder: str | os.PathLike, **decoder_overrides) -> tuple[Lamed, ConversionReport]:
-    """Loads a released M3D-LaMed folder (config.json + safetensors or .bin shards)."""
-    config = LamedConfig.from_hf(read_hf_config(folder), **decoder_overrides)
-    return load_model(folder, lamed_keymap(config), lambda: Lamed(config, rngs=nnx.Rngs(0)))
-
-
-def load_lamed_folder(folder: str | os.PathLike) -> Lamed:
-    """An m3d-jax LaMed parameter folder or a released PyTorch folder (converted in memory)."""
-    from m3d_jax.convert.checkpoint import KIND_KEY, load_jax
-
-    hf = read_hf_config(folder)
-    if hf.get(KIND_KEY) == "lamed":
-        return load_jax(folder)
-    if KIND_KEY in hf or not str(hf.get("model_type", "")).startswith("lamed"):
-        raise CheckpointReadError(f"{Path(folder) / 'config.json'}: not an M3D-LaMed checkpoint "
-                                  f"(model_type {hf.get('model_type')!r}, kind {hf.get(KIND_KEY)!r})")
-    return load_lamed(folder)[0]
-
-
-def export_lamed(model: Lamed, out_dir: str | os.PathLike, *, dtype=None, max_shard_bytes: int = 5 * 2**30,
-                 overwrite: bool = False) -> list[Path]:
-    """Writes the released layout (config.json + sharded safetensors + index); `overwrite` replaces an
-    existing `out_dir` whole."""
-    return write_state(out_dir, lamed_keymap(model.config), nnx.state(model), dtype=dtype,
-                       config=model.config.to_hf(), max_shard_bytes=max_shard_bytes, overwrite=overwrite)
-
-
 def export_language_model(model: Lamed, out_dir: str | os.PathLike, *, tokenizer=None, dtype=None,
                           max_shard_bytes: int = 5 * 2**30) -> list[Path]:
     """The LLM alone (with the added tokens' embedding rows) as a plain Phi-3 / Llama folder that
@@ -73,3 +44,15 @@ def export_language_model(model: Lamed, out_dir: str | os.PathLike, *, tokenizer
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return written
+
+
+def _recognise(source: Source) -> LamedConfig | None:
+    if source.hf is None or not str(source.hf.get("model_type", "")).startswith("lamed"):
+        return None
+    return KIND.parse(source.hf, source.path / "config.json")
+
+
+KIND = Kind(
+    "lamed", "M3D-LaMed", Lamed, LamedConfig.from_hf, LamedConfig.to_hf, _recognise,
+    released="model_type lamed_phi3 or lamed_llama", parts=(Part("", "", lamed_keymap),),
+)

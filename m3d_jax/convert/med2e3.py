@@ -7,9 +7,10 @@
   vision3d_model/        M3D-CLIP (`vision_encoder.*`, `language_encoder.*`, `mm_*_proj`, `logit_scale`)
   vision3d_connector/    `_connector.{0,2}.*` and `text_mlp.{weight,bias}`
 
-each as `.safetensors` or `pytorch_model.bin`. `text_mlp` IS loaded here: the reference's connector loader
-keeps only `_connector.*`, so its inference runs TG-IS with a freshly random `text_mlp`. A checkpoint without
-`text_mlp` is an error unless `init_missing_text_mlp=True` (then it is initialised and a warning logged).
+each as `.safetensors` or `pytorch_model.bin`; `KIND` converts them part by part. `text_mlp` IS loaded
+here: the reference's connector loader keeps only `_connector.*`, so its inference runs TG-IS with a freshly
+random `text_mlp`. A checkpoint without `text_mlp` is an error unless read with `read_without_text_mlp`
+(then it is initialised and a warning logged).
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from pathlib import Path
 from absl import logging
 from flax import nnx
 
+from m3d_jax.convert.checkpoint import read_parts
 from m3d_jax.convert.clip import clip_keymap, released_clip_hf
 from m3d_jax.convert.decoder import decoder_keymap
-from m3d_jax.convert.keymap import LINEAR, ConversionReport, KeyMap, Rule, read_state, write_state
+from m3d_jax.convert.keymap import LINEAR, ConversionReport, KeyMap, Rule
+from m3d_jax.convert.kind import Kind, Part, Source, detect
 from m3d_jax.convert.slice_encoder import siglip_vision_keymap
-from m3d_jax.convert.torch_io import CheckpointReader, CheckpointReadError, atomic_output
+from m3d_jax.convert.torch_io import CheckpointReader, CheckpointReadError
 from m3d_jax.layers import Dense
 from m3d_jax.layers.params import canonical_dtype
 from m3d_jax.models.med2e3 import Med2E3, Med2E3Config
@@ -55,19 +58,6 @@ def med2e3_keymaps(config: Med2E3Config, *, text_mlp: bool = True) -> dict[str, 
     }
 
 
-def read_config(folder: str | os.PathLike) -> dict:
-    """The MedMLLMConfig dict: `config.json` at the root, else `args/config.json` (written at train start)."""
-    for candidate in (Path(folder) / "config.json", Path(folder) / "args" / "config.json"):
-        if candidate.is_file():
-            try:
-                hf = json.loads(candidate.read_text())
-            except json.JSONDecodeError as err:
-                raise CheckpointReadError(f"{candidate}: not valid JSON ({err})") from None
-            if "llm_config" in hf:
-                return hf
-    raise CheckpointReadError(f"{folder}: no Med-2E3 config.json (root or args/) with nested llm_config")
-
-
 def with_vision3d_shapes(folder: str | os.PathLike, hf: dict, reader: CheckpointReader | None = None) -> dict:
     """The MedMLLMConfig dict `hf` with `vision3d_model_config` completed from `vision3d_model/`'s tensor
     shapes: the reference builds that part's BERT from the hub and records none of its sizes (nor the
@@ -79,46 +69,51 @@ def with_vision3d_shapes(folder: str | os.PathLike, hf: dict, reader: Checkpoint
     return {**hf, "vision3d_model_config": vision3d}
 
 
-def load_med2e3(folder: str | os.PathLike, *, init_missing_text_mlp: bool = False, **decoder_overrides
-                ) -> tuple[Med2E3, dict[str, ConversionReport]]:
-    """Loads a released Med-2E3 folder; returns the model and a conversion report per part."""
-    folder = Path(folder)
-    hf = read_config(folder)
-    for part in PARTS:
-        if not (folder / part).is_dir():
-            raise CheckpointReadError(f"{folder / part}: missing; a Med-2E3 folder holds {', '.join(PARTS)}")
-    readers = {part: CheckpointReader(folder / part) for part in PARTS}
-    config = Med2E3Config.from_hf(with_vision3d_shapes(folder, hf, readers["vision3d_model"]), **decoder_overrides)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Med2E3(config, rngs=nnx.Rngs(0))))
-    has_text_mlp = "text_mlp.weight" in readers["vision3d_connector"].keys()
-    if not has_text_mlp and init_missing_text_mlp:
-        logging.warning("%s has no text_mlp (a checkpoint saved by the reference's loader path?); it is initialised "
-                        "randomly, so text-guided slice scores are meaningless until it is trained", folder)
-    keymaps = med2e3_keymaps(config, text_mlp=has_text_mlp or not init_missing_text_mlp)
-    reports = {}
-    for part in PARTS:
-        part_state = abstract[part]
-        if part == "vision3d_connector" and not has_text_mlp and init_missing_text_mlp:
-            fresh = Dense(config.vision3d.text.hidden_size, config.decoder.hidden_size, axes=("mlp2", "embed"),
-                          param_dtype=canonical_dtype(config.decoder.param_dtype), rngs=nnx.Rngs(0))
-            part_state = nnx.State({k: v for k, v in part_state.items() if k != "text_mlp"})
-        state, reports[part] = read_state(readers[part], keymaps[part], part_state)
-        if part == "vision3d_connector" and not has_text_mlp and init_missing_text_mlp:
-            state["text_mlp"] = nnx.state(fresh)
-        abstract[part] = state
-    return nnx.merge(graphdef, abstract), reports
+def _recognise(source: Source) -> Med2E3Config | None:
+    """A released folder: a MedMLLMConfig (nested `llm_config`) in config.json, or in args/config.json
+    (written at train start) when the root has none."""
+    for candidate in (source.path / "config.json", source.path / "args" / "config.json"):
+        if candidate.is_file():
+            try:
+                hf = json.loads(candidate.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue  # reported by the reader of that file, if it is the one that matters
+            if isinstance(hf, dict) and "llm_config" in hf:
+                return KIND.parse(with_vision3d_shapes(source.path, hf), candidate)
+    return None
 
 
-def export_med2e3(model: Med2E3, out_dir: str | os.PathLike, *, dtype=None, overwrite: bool = False) -> None:
-    """Writes the released folder layout (root config.json + one folder per part, safetensors). The
-    folder appears complete or not at all; one that holds something is refused unless `overwrite`, which
-    replaces it whole."""
-    config = model.config
-    hf = config.to_hf()
-    part_configs = {"llm": hf["llm_config"], "vision2d_model": hf["vision2d_model_config"],
-                    "vision3d_model": hf["vision3d_model_config"]}
-    with atomic_output(out_dir, overwrite=overwrite) as tmp:
-        for part, keymap in med2e3_keymaps(config).items():
-            write_state(tmp / part, keymap, nnx.state(getattr(model, part)), dtype=dtype,
-                        config=part_configs.get(part))
-        (tmp / "config.json").write_text(json.dumps(hf, indent=1))
+_PART_CONFIGS = {"llm": "llm_config", "vision2d_model": "vision2d_model_config",
+                 "vision3d_model": "vision3d_model_config"}
+
+
+def _part(name: str) -> Part:
+    config_json = (lambda config: config.to_hf()[_PART_CONFIGS[name]]) if name in _PART_CONFIGS else (lambda _: None)
+    return Part(name, name, lambda config: med2e3_keymaps(config)[name], config_json)
+
+
+KIND = Kind(
+    "med2e3", "Med-2E3", Med2E3, Med2E3Config.from_hf, Med2E3Config.to_hf, _recognise,
+    released="a MedMLLMConfig with a nested llm_config in config.json or args/config.json",
+    parts=tuple(_part(name) for name in PARTS),
+)
+
+
+def read_without_text_mlp(folder: str | os.PathLike) -> tuple[Med2E3, ConversionReport]:
+    """A released folder whose vision3d_connector has no `text_mlp` (saved through the reference's own
+    loader, which drops it): every other weight is read and `text_mlp` is initialised, with a warning,
+    since text-guided slice scores mean nothing until it is trained."""
+    kind, config = detect(folder)
+    if kind is not KIND:
+        raise CheckpointReadError(f"{folder}: a {kind.title} checkpoint, not a released Med-2E3 folder")
+    model = nnx.eval_shape(lambda: Med2E3(config, rngs=nnx.Rngs(0)))
+    projector = KeyMap("med2e3/vision3d_connector", tuple(_connector_rules(config.connector_layers, "")))
+    parts = [part for part in KIND.parts if part.folder != "vision3d_connector"]
+    parts.append(Part("vision3d_connector", "vision3d_connector.projector", lambda _: projector))
+    report = read_parts(folder, KIND, config, model, parts)
+    logging.warning("%s has no text_mlp (a checkpoint saved by the reference's loader path?); it is initialised "
+                    "randomly, so text-guided slice scores are meaningless until it is trained", folder)
+    model.vision3d_connector.text_mlp = Dense(config.vision3d.text.hidden_size, config.decoder.hidden_size,
+                                              axes=("mlp2", "embed"),
+                                              param_dtype=canonical_dtype(config.decoder.param_dtype), rngs=nnx.Rngs(0))
+    return model, report

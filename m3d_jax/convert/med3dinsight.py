@@ -17,6 +17,7 @@ the segmentation head `final` is re-initialised when its class count differs fro
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +29,9 @@ from m3d_jax.convert.keymap import (
     IDENTITY, LINEAR, Conv3dKernel, ConversionReport, ConvTranspose3dKernel, FusedBias, FusedLinear, KeyMap, Linear,
     Reshape, Rule, _flat_values, _state_getter, _to_torch, norm_rules, read_state,
 )
+from m3d_jax.convert.kind import Kind, Part, Source
 from m3d_jax.convert.torch_io import CheckpointReader, atomic_output
+from m3d_jax.convert.unetr import unetr_keymap
 from m3d_jax.models.med3dinsight import Med3DInsight, Med3DInsightConfig
 from m3d_jax.models.nnformer import NnFormer, NnFormerConfig, WindowAttention, relative_position_index
 from m3d_jax.models.psat import PsatConfig
@@ -117,8 +120,6 @@ def med3dinsight_keymap(config: Med3DInsightConfig) -> KeyMap:
     checkpoint) the layout is ours: MONAI UNETR keys under `backbone.` and the reconstruction head `res`."""
     shared = (psat_keymap(config.psat).nested("", "psat."), KeyMap("metric", (Rule("L", "L"),)))
     if config.backbone_kind == "unetr":
-        from m3d_jax.convert.unetr import unetr_keymap
-
         head = KeyMap("res", (Rule("res.weight", "res.kernel", LINEAR), Rule("res.bias", "res.bias")))
         return KeyMap.combine("med3dinsight/unetr", unetr_keymap(config.backbone).nested("backbone.", "backbone."),
                               head, *shared)
@@ -254,3 +255,28 @@ def config_from_checkpoint(reader: CheckpointReader, *, crop_size: tuple[int, in
                       ffn_dim=shape("psat.decoder.layers.0.linear1.weight")[0], num_queries=shape("queries.weight")[0],
                       out_dim=shape("proj.weight")[0], slice_bins=bins)
     return Med3DInsightConfig(backbone=backbone, psat=psat)
+
+
+def _write_released(model: Med3DInsight, dst: str | os.PathLike, dtype, *, overwrite: bool = False) -> int:
+    """`dst` ending in .pth / .bin / .safetensors is the file; otherwise a folder that gets `model.pth`."""
+    if dtype is not None:
+        raise ValueError("Med3DInsight checkpoints are exported in float32, as the reference saves them")
+    dst = Path(dst)
+    if dst.suffix in (".pth", ".bin", ".safetensors"):
+        return export_med3dinsight(model, dst, overwrite=overwrite)
+    with atomic_output(dst, overwrite=overwrite) as tmp:
+        return export_med3dinsight(model, tmp / "model.pth")
+
+
+def _recognise(source: Source) -> Med3DInsightConfig | None:
+    if source.hf is not None or "psat.ps_pos" not in source.reader.keys():
+        return None
+    return config_from_checkpoint(source.reader)
+
+
+KIND = Kind(
+    "med3dinsight", "Med3DInsight", Med3DInsight, lambda hf: Med3DInsightConfig.from_dict(hf["med3dinsight"]),
+    lambda config: {"med3dinsight": dataclasses.asdict(config)}, _recognise,
+    released="a pretraining state dict with psat.* keys (latest_model_*.pth)",
+    parts=(Part("", "", med3dinsight_keymap),), read=load_med3dinsight, write=_write_released,
+)

@@ -12,6 +12,7 @@ from absl import logging
 from flax import nnx
 
 from m3d_jax.convert.keymap import LINEAR, ConversionReport, KeyMap, Linear, Reshape, Rule, load_model, norm_rules
+from m3d_jax.convert.kind import Kind, Part
 from m3d_jax.convert.torch_io import CheckpointReader, CheckpointReadError
 from m3d_jax.models.text_encoder import Bert, BertConfig
 
@@ -101,3 +102,11 @@ def bert_config_from_shapes(shapes: Shapes, where: str, recorded: Mapping[str, A
     if "num_attention_heads" not in recorded:
         recorded["num_attention_heads"] = assumed_num_heads(hidden_size, where, "BERT", heads_key)
     return BertConfig.from_hf({**recorded, **sizes}, pooler=f"{prefix}pooler.dense.weight" in shapes)
+
+
+KIND = Kind(
+    "bert", "BERT", Bert, BertConfig.from_hf, BertConfig.to_hf,
+    lambda source: (KIND.parse(source.hf, source.path / "config.json")
+                    if source.hf is not None and source.hf.get("model_type") == "bert" else None),
+    released="a transformers folder with model_type bert", parts=(Part("", "", bert_keymap),),
+)

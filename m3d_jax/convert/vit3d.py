@@ -7,11 +7,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from flax import nnx
 
 from m3d_jax.convert.keymap import IDENTITY, LINEAR, ConversionReport, KeyMap, Linear, Reshape, Rule, load_model
+from m3d_jax.convert.kind import Kind, Part, Source
+from m3d_jax.convert.torch_io import CheckpointReadError
 from m3d_jax.models.vit3d import ViT3D, ViT3DConfig
 
 VIT3D_PREFIXES = {
@@ -62,3 +65,30 @@ def load_vit3d(
 ) -> tuple[ViT3D, ConversionReport]:
     """Loads a ViT3D from a PyTorch checkpoint (file or folder) in the given layout."""
     return load_model(path, vit3d_keymap(config, layout), lambda: ViT3D(config, rngs=nnx.Rngs(0)))
+
+
+def _recognise(source: Source) -> ViT3DConfig | None:
+    """A folder written by jax2torch (config.json with a `vit3d` entry), or a bare MONAI / M3D-CLIP
+    vision checkpoint without config.json (`pretrained_ViT.bin`), its sizes read from the shapes."""
+    if source.hf is not None:
+        return KIND.parse(source.hf, source.path / "config.json") if "vit3d" in source.hf else None
+    keys = set(source.reader.keys())
+    if "patch_embedding.patch_embeddings.1.weight" not in keys:
+        return None
+    pos = source.reader.info("patch_embedding.position_embeddings").shape
+    depth = 1 + max(int(k.split(".")[1]) for k in keys if k.startswith("blocks."))
+    config = ViT3DConfig(hidden_size=pos[-1], num_layers=depth, cls_token="cls_token" in keys,
+                         mlp_dim=source.reader.info("blocks.0.mlp.linear1.weight").shape[0],
+                         num_heads=max(1, pos[-1] // 64))
+    if config.num_patches != pos[1]:
+        raise CheckpointReadError(f"{source.path}: a bare ViT checkpoint with {pos[1]} patches does not match the "
+                                  "default image/patch size; write a config.json with the sizes")
+    return config
+
+
+KIND = Kind(
+    "vit3d", "3D ViT", ViT3D, lambda hf: ViT3DConfig.from_dict(hf["vit3d"]),
+    lambda config: {"vit3d": dataclasses.asdict(config)}, _recognise,
+    released="a ViT state dict without config.json (pretrained_ViT.bin)",
+    parts=(Part("", "", lambda config: vit3d_keymap(config, "m3d_clip_vision")),),
+)

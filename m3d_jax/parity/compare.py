@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from m3d_jax.convert.checkpoint import load_med2e3_folder
-from m3d_jax.convert.lamed import load_lamed_folder
+from m3d_jax.convert import load
 from m3d_jax.generate import SamplingConfig, left_pad
 from m3d_jax.models.lamed import generate_lamed, shift_left
 from m3d_jax.models.med2e3 import generate_med2e3, image_placeholder_starts
@@ -62,7 +61,7 @@ def _check_logits_shape(ref_path: str, reference: np.ndarray, ids: np.ndarray, h
 def lamed_rows(folder: str, ref_path: str, tol: Tolerances = Tolerances()) -> list[Row]:
     """The comparison rows of an M3D-LaMed checkpoint against a reference file."""
     ref = load_reference(ref_path)
-    model = load_lamed_folder(folder)
+    model = load(folder, expect="lamed")
     images, ids = jnp.asarray(ref["image"]), jnp.asarray(ref["input_ids"].astype(np.int32))
     mask = jnp.asarray(ref.get("attention_mask", np.ones(ids.shape, np.int32)).astype(np.int32))
     out = model(images, ids, attention_mask=mask)
@@ -93,7 +92,7 @@ def _med2e3_forward(model, images, ids, question_ids, question_mask, mask, start
 def med2e3_rows(folder: str, ref_path: str, tol: Tolerances = Tolerances()) -> list[Row]:
     """The comparison rows of a Med-2E3 checkpoint against a reference file in either input_ids form."""
     ref = load_reference(ref_path, "med2e3")
-    model = load_med2e3_folder(folder)
+    model = load(folder, expect="med2e3")
     config = model.config
     ids = ref["input_ids"].astype(np.int32)
     mask = ref.get("attention_mask", np.ones(ids.shape, np.int32)).astype(np.int32)

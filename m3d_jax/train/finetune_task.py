@@ -18,7 +18,8 @@ from m3d_jax.data.insight_samples import FinetuneSampleSpec
 from m3d_jax.losses.segmentation import dice_ce_loss
 from m3d_jax.models.finetune import VolumeClassifier, VolumeSegmenter
 from m3d_jax.models.nnformer import NnFormerConfig
-from m3d_jax.train.tasks import Task, augment_config, count_samples, on_host, place, volume_batch
+from m3d_jax.sharding import on_host
+from m3d_jax.train.tasks import Task, augment_config, count_samples, place, volume_batch
 
 
 def _backbone_config(config: ConfigDict) -> NnFormerConfig:

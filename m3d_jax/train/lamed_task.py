@@ -9,12 +9,14 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
+from m3d_jax import convert
 from m3d_jax.data.pipeline import SampleSpec
 from m3d_jax.models.decoder_presets import PRESETS, TOKENIZER_SIZES
 from m3d_jax.models.lamed import ADDED_TOKENS, Lamed, LamedConfig, lamed_loss
 from m3d_jax.models.vit3d import ViT3DConfig
 from m3d_jax.tokenizer import LamedTokenIds
-from m3d_jax.train.tasks import Task, augment_config, decoder_config, load_vision_tower, on_host, place, volume_batch
+from m3d_jax.sharding import on_host
+from m3d_jax.train.tasks import Task, augment_config, decoder_config, load_vision_tower, place, place_checkpoint, volume_batch
 
 # The batch entries the model takes, with their ranks: [B, C, D, H, W] volumes, [B, L] token arrays.
 INPUTS = {"images": 5, "input_ids": 2, "attention_mask": 2, "labels": 2, "seg_masks": 5}
@@ -79,19 +81,15 @@ def load_pretrained(model: Lamed, init: ConfigDict, mesh) -> None:
     tokenizer with mean-initialised new rows) and/or `vision_tower` (an M3D-CLIP / ViT checkpoint). Each part
     is read on the host and placed in the model's layout."""
     if init.get("lamed"):
-        from m3d_jax.convert.lamed import load_lamed_folder
-
-        with on_host():
-            place(model, load_lamed_folder(init.lamed), "LaMed", init.lamed, mesh)
+        place_checkpoint(model, init.lamed, "LaMed", mesh, expect="lamed")
         return
     if init.get("language_model"):
-        from m3d_jax.convert.decoder import load_hf_decoder
         from m3d_jax.tokenizer import resize_token_embeddings
 
         config = model.config.decoder
         with on_host():
-            loaded, _ = load_hf_decoder(init.language_model, dtype=config.dtype, remat=config.remat,
-                                        scan_layers=config.scan_layers)
+            loaded = convert.load(init.language_model, expect="decoder", dtype=config.dtype, remat=config.remat,
+                                  scan_layers=config.scan_layers)
             added = max(0, config.vocab_size - loaded.config.vocab_size)
             loaded = resize_token_embeddings(loaded, config.vocab_size, added)
             place(model.language_model, loaded, "language model", init.language_model, mesh)
@@ -145,11 +143,10 @@ def evaluate(model: Lamed, run, config: ConfigDict) -> dict[str, float]:
 def export(model: Lamed, tokenizer, folder: str) -> None:
     """LoRA merged into the LLM, then the released M3D-LaMed layout (config.json + safetensors) and the
     tokenizer."""
-    from m3d_jax.convert.lamed import export_lamed
     from m3d_jax.train.lora import merge_lora
 
     merge_lora(model)
-    export_lamed(model, folder, overwrite=True)  # a rerun of the same run replaces its export
+    convert.export(model, folder, overwrite=True)  # a rerun of the same run replaces its export
     tokenizer.save_pretrained(folder)
 
 

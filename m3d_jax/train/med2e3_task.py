@@ -10,9 +10,11 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
+from m3d_jax import convert
 from m3d_jax.data.med2e3_samples import Med2E3SampleSpec, Med2E3Tokenizers
 from m3d_jax.models.med2e3 import Med2E3, Med2E3Config, med2e3_loss
-from m3d_jax.train.tasks import Task, augment_config, decoder_config, on_host, place, volume_batch
+from m3d_jax.sharding import on_host
+from m3d_jax.train.tasks import Task, augment_config, decoder_config, place, place_checkpoint, volume_batch
 
 INPUTS = {"images": 5, "input_ids": 2, "attention_mask": 2, "labels": 2, "image_starts": 1, "question_ids": 2,
           "question_mask": 2}
@@ -73,16 +75,10 @@ def load_pretrained(model: Med2E3, init: ConfigDict, mesh) -> None:
     """`med2e3` (a released Med-2E3 folder), else any of `language_model` (a transformers Phi-3 folder),
     `vision2d` (a transformers SiglipVisionModel folder) and `vision3d` (a released M3D-CLIP folder)."""
     if init.get("med2e3"):
-        from m3d_jax.convert.med2e3 import load_med2e3
-
-        with on_host():
-            place(model, load_med2e3(init.med2e3)[0], "Med-2E3", init.med2e3, mesh)
+        place_checkpoint(model, init.med2e3, "Med-2E3", mesh, expect="med2e3")
         return
     if init.get("language_model"):
-        from m3d_jax.convert.decoder import load_hf_decoder
-
-        with on_host():
-            place(model.llm, load_hf_decoder(init.language_model)[0], "language model", init.language_model, mesh)
+        place_checkpoint(model.llm, init.language_model, "language model", mesh, expect="decoder")
     if init.get("vision2d"):
         import json
         import os
@@ -98,10 +94,7 @@ def load_pretrained(model: Med2E3, init: ConfigDict, mesh) -> None:
                 "hidden_size", "intermediate_size", "num_layers", "num_heads", "image_size", "patch_size")})
             place(model.vision2d_model, load_siglip_vision(init.vision2d, vision2d)[0], "SigLIP", init.vision2d, mesh)
     if init.get("vision3d"):
-        from m3d_jax.convert.clip import load_clip_folder
-
-        with on_host():
-            place(model.vision3d_model, load_clip_folder(init.vision3d), "M3D-CLIP", init.vision3d, mesh)
+        place_checkpoint(model.vision3d_model, init.vision3d, "M3D-CLIP", mesh, expect="clip")
 
 
 def sample_spec(config: ConfigDict, model_config: Med2E3Config, *, train: bool) -> Med2E3SampleSpec:
@@ -158,9 +151,7 @@ def evaluate(model: Med2E3, run, config: ConfigDict) -> dict[str, float]:
 
 def export(model: Med2E3, tokenizers: Med2E3Tokenizers, folder: str) -> None:
     """The released Med-2E3 folder layout and the LLM tokenizer at its root."""
-    from m3d_jax.convert.med2e3 import export_med2e3
-
-    export_med2e3(model, folder, overwrite=True)  # a rerun replaces its own earlier export
+    convert.export(model, folder, overwrite=True)  # a rerun replaces its own earlier export
     tokenizers.llm.save_pretrained(folder)
 
 

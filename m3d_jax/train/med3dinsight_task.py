@@ -5,13 +5,16 @@ true pairs of held-out batches as the task metric, and export as the reference's
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
+from m3d_jax import convert
 from m3d_jax.data.insight_samples import InsightSampleSpec
 from m3d_jax.models.med3dinsight import Med3DInsight, Med3DInsightConfig, med3dinsight_loss, plan_diagonal_mass
-from m3d_jax.train.tasks import Task, count_samples, on_host, place, volume_batch
+from m3d_jax.train.tasks import Task, count_samples, place_checkpoint, volume_batch
 
 INPUTS = {"images": 5, "plane": 1, "slice_index": 1, "image_embedding": 2, "text_embedding": 2}
 
@@ -33,13 +36,8 @@ def load_pretrained(model: Med3DInsight, init: ConfigDict, mesh) -> None:
     """`med3dinsight`: a pretraining state dict (`.pth`, or an m3d-jax folder of that kind) to start from."""
     if not init.get("med3dinsight"):
         return
-    from m3d_jax.convert.checkpoint import is_jax_folder, load_jax
-    from m3d_jax.convert.med3dinsight import load_med3dinsight
-
-    with on_host():
-        loaded = (load_jax(init.med3dinsight) if is_jax_folder(init.med3dinsight)
-                  else load_med3dinsight(init.med3dinsight, model.config)[0])
-        place(model, loaded, "Med3DInsight", init.med3dinsight, mesh)
+    # the task's config: the crop size and PSAT heads leave no trace in a .pth
+    place_checkpoint(model, init.med3dinsight, "Med3DInsight", mesh, expect="med3dinsight", config=model.config)
 
 
 def sample_spec(config: ConfigDict, model_config: Med3DInsightConfig, *, train: bool) -> InsightSampleSpec:
@@ -76,11 +74,7 @@ def evaluate(model: Med3DInsight, run, config: ConfigDict) -> dict[str, float]:
 
 def export(model: Med3DInsight, tokenizer, folder: str) -> None:
     """The reference's checkpoint: `folder/model.pth`, a plain state dict (363 entries at full size)."""
-    import os
-
-    from m3d_jax.convert.med3dinsight import export_med3dinsight
-
-    export_med3dinsight(model, os.path.join(folder, "model.pth"), overwrite=True)  # a rerun replaces its own export
+    convert.export(model, os.path.join(folder, "model.pth"), overwrite=True)  # a rerun replaces its own export
 
 
 TASK = Task(name="med3dinsight", inputs=INPUTS, build=build, batch_shapes=batch_shapes, load_pretrained=load_pretrained,

@@ -12,8 +12,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
+
+from m3d_jax import convert
+from m3d_jax.convert.vit3d import load_vit3d
+from m3d_jax.data.augment import AugmentConfig
+from m3d_jax.models.decoder import DecoderConfig
+from m3d_jax.models.decoder_presets import PRESETS
+from m3d_jax.sharding import on_host, state_shardings
 
 TASK_MODULES = {"lamed": "m3d_jax.train.lamed_task", "clip": "m3d_jax.train.clip_task",
                 "med2e3": "m3d_jax.train.med2e3_task", "med3dinsight": "m3d_jax.train.med3dinsight_task",
@@ -76,9 +84,6 @@ def get_task(name: str) -> Task:
 def decoder_config(section: dict, **fixed):
     """A model config's `decoder` section → DecoderConfig: `preset` names a decoder preset whose fields the
     other keys override; `fixed` (e.g. the tokenizer's vocab_size) overrides both."""
-    from m3d_jax.models.decoder import DecoderConfig
-    from m3d_jax.models.decoder_presets import PRESETS
-
     section = dict(section)
     preset = section.pop("preset", "")
     base = dataclasses.asdict(PRESETS[preset]()) if preset else {}
@@ -87,24 +92,13 @@ def decoder_config(section: dict, **fixed):
 
 def augment_config(setting):
     """data.augment: True (the reference recipe), False, or a mapping of AugmentConfig fields."""
-    from m3d_jax.data.augment import AugmentConfig
-
     if not setting:
         return None
     return AugmentConfig() if setting is True else AugmentConfig(**dict(setting))
 
 
-def on_host():
-    """A context placing eagerly created arrays in host memory (loading pretrained weights)."""
-    return jax.default_device(jax.local_devices(backend="cpu")[0])
-
-
 def place(module: nnx.Module, loaded: nnx.Module, name: str, source: str, mesh) -> None:
     """Copies a loaded (host) module's parameters into a sharded module of the same structure."""
-    import numpy as np
-
-    from m3d_jax.sharding import state_shardings
-
     target = nnx.state(module)
     state = nnx.state(loaded)
     if jax.tree.map(np.shape, target) != jax.tree.map(np.shape, state):
@@ -113,12 +107,17 @@ def place(module: nnx.Module, loaded: nnx.Module, name: str, source: str, mesh) 
     nnx.update(module, jax.device_put(state, state_shardings(target, mesh)))
 
 
+def place_checkpoint(module: nnx.Module, path: str, name: str, mesh, **load_args) -> None:
+    """Loads the checkpoint at `path` on the host (`m3d_jax.convert.load` with `load_args`: expect=,
+    config=, field overrides) and places it in the sharded `module`."""
+    with on_host():
+        place(module, convert.load(path, **load_args), name, path, mesh)
+
+
 def load_vision_tower(module: nnx.Module, vision_config, init: ConfigDict, mesh) -> None:
     """Fills a ViT3D from `init.vision_tower` (a 3D ViT checkpoint in `init.vision_layout`), if set."""
     if not init.get("vision_tower"):
         return
-    from m3d_jax.convert.vit3d import load_vit3d
-
     with on_host():
         loaded, _ = load_vit3d(init.vision_tower, vision_config, init.get("vision_layout", "m3d_clip_vision"))
         place(module, loaded, "vision tower", init.vision_tower, mesh)

@@ -32,7 +32,7 @@ def main(argv):
     from flax import nnx
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    from m3d_jax.convert.decoder import load_hf_decoder
+    from m3d_jax.convert import read_released
     from m3d_jax.generate import SamplingConfig, generate
 
     torch.set_num_threads(os.cpu_count())
@@ -46,7 +46,7 @@ def main(argv):
             parameter.normal_(0.0, 0.05)
     with tempfile.TemporaryDirectory() as tmp:
         reference.save_pretrained(tmp)
-        model, _ = load_hf_decoder(tmp)
+        model, _ = read_released(tmp, expect="decoder")
     num_params = sum(p.numel() for p in reference.parameters())
     print(f"Phi-3-shaped decoder: {num_params / 1e6:.1f} M params, {_LAYERS.value} layers; prompt {_PROMPT.value}, "
           f"{_NEW.value} new tokens, batch {_BATCH.value}; jax {jax.__version__} on {jax.devices()[0].platform}, "

@@ -62,11 +62,11 @@ def _time_jax(config, run, batch):
 
 def _torch_model(run):
     """The same weights in the PyTorch composition (read before the JAX step donates them)."""
-    from m3d_jax.convert.lamed import export_lamed
+    from m3d_jax.convert import export
     from m3d_jax.parity.torch_reference import TorchLamed
 
     with tempfile.TemporaryDirectory() as folder:
-        export_lamed(run.model, folder)
+        export(run.model, folder)
         return TorchLamed.from_folder(folder).train()
 
 
