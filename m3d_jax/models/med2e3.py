@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from m3d_jax.config import dataclass_from_mapping
+from m3d_jax.generate import SamplingConfig, generate
 from m3d_jax.layers import Dense
 from m3d_jax.layers.params import canonical_dtype
 from m3d_jax.models.clip import ClipConfig, M3DClip
@@ -276,8 +277,6 @@ def generate_med2e3(model: Med2E3, images, input_ids, question_ids, question_mas
                     config=None) -> Med2E3Generation:
     """Answers left-padded prompts (see `m3d_jax.data.med2e3_samples.prompt_ids`) about `images`; the
     questions alone, in BERT tokens, drive the slice scores."""
-    from m3d_jax.generate import SamplingConfig, generate
-
     config = config or SamplingConfig()
     ids = np.asarray(input_ids)
     mask = np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask, np.int32)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from m3d_jax.convert.torch_io import CheckpointReader
+
 MONAI_ONLY = ("norm_cross_attn", "cross_attn.", "classification_head")
 
 
@@ -163,8 +165,6 @@ class TorchLamed(nn.Module):
 
     @classmethod
     def from_folder(cls, folder) -> TorchLamed:
-        from m3d_jax.convert.torch_io import CheckpointReader
-
         folder = pathlib.Path(folder)
         model = cls(json.loads((folder / "config.json").read_text())).eval()
         reader = CheckpointReader(folder)

@@ -8,6 +8,8 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
+from m3d_jax.cli import run
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py[:variant])",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics, TensorBoard, exports "
@@ -22,6 +24,8 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:  # keep the console to the progress bar and our messages
         logging.set_verbosity(logging.WARNING)
 
+    # Imported in this order on purpose: the platform is chosen before anything imports jax's backends,
+    # and the distributed runtime starts before the trainer touches a device.
     from m3d_jax.train.platform import select_platform
 
     config = _CONFIG.value
@@ -40,6 +44,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from m3d_jax.cli import run
 
     run(main)

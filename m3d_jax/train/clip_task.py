@@ -14,10 +14,13 @@ from ml_collections import ConfigDict
 from m3d_jax import convert
 from m3d_jax.convert.text_encoder import load_bert
 from m3d_jax.data.clip_samples import ClipSampleSpec
+from m3d_jax.data.pipeline import build_source
 from m3d_jax.errors import ConfigError
+from m3d_jax.eval.retrieval import retrieval_metrics
 from m3d_jax.models.clip import ClipConfig, M3DClip, clip_loss
 from m3d_jax.models.text_encoder import BertConfig
 from m3d_jax.sharding import on_host
+from m3d_jax.tokenizer import load_tokenizer
 from m3d_jax.train.tasks import Task, augment_config, load_vision_tower, place, place_checkpoint, volume_batch
 
 INPUTS = {"images": 5, "input_ids": 2, "attention_mask": 2}
@@ -36,8 +39,6 @@ def tokenizer_folder(name: str) -> str:
 def build(config: ConfigDict, without_tokenizer: bool = False):
     """(BERT tokenizer, ClipConfig, model factory) of a training config (no tokenizer with
     `without_tokenizer`: the text encoder's vocabulary is the config's)."""
-    from m3d_jax.tokenizer import load_tokenizer
-
     model_config = ClipConfig.from_dict(config.model.to_dict())
     if without_tokenizer:
         return None, model_config, lambda: M3DClip(model_config, rngs=nnx.Rngs(config.seed))
@@ -84,9 +85,6 @@ def sample_spec(config: ConfigDict, model_config: ClipConfig, *, train: bool) ->
 
 def evaluate(model: M3DClip, run, config: ConfigDict) -> dict[str, float]:
     """Retrieval R@1/5/10 both ways on the first `eval.retrieval_pairs` pairs of `eval.retrieval_source`."""
-    from m3d_jax.data.pipeline import build_source
-    from m3d_jax.eval.retrieval import retrieval_metrics
-
     pairs = config.eval.get("retrieval_pairs", 0)
     if not pairs:
         return {}

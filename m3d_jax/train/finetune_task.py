@@ -14,7 +14,10 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
+from m3d_jax.convert.med3dinsight import load_backbone, save_state_dict, torch_state_dict
 from m3d_jax.data.insight_samples import FinetuneSampleSpec
+from m3d_jax.data.pipeline import build_source, iterate, source_dataset, to_global_arrays
+from m3d_jax.eval.metrics import per_class_dice
 from m3d_jax.losses.segmentation import dice_ce_loss
 from m3d_jax.models.finetune import VolumeClassifier, VolumeSegmenter
 from m3d_jax.models.nnformer import NnFormerConfig
@@ -55,8 +58,6 @@ def load_pretrained(model: VolumeSegmenter | VolumeClassifier, init: ConfigDict,
     class count is initialised afresh."""
     if not init.get("backbone"):
         return
-    from m3d_jax.convert.med3dinsight import load_backbone
-
     with on_host():
         loaded, _ = load_backbone(init.backbone, model.config, seed=0)
         place(model.backbone, loaded, "nnFormer backbone", init.backbone, mesh)
@@ -87,8 +88,6 @@ def _spec(task: str):
 
 def _eval_batches(config: ConfigDict, spec: FinetuneSampleSpec, mesh):
     """Every full batch of the eval sources, once, as global arrays."""
-    from m3d_jax.data.pipeline import build_source, iterate, source_dataset, to_global_arrays
-
     sources = [build_source(entry, config.data.get("root")) for entry in config.eval.sources]
     for source in sources:
         dataset = source_dataset(source, None, spec, seed=config.seed, batch_size=config.eval.batch_size, num_epochs=1,
@@ -99,9 +98,6 @@ def _eval_batches(config: ConfigDict, spec: FinetuneSampleSpec, mesh):
 
 def evaluate_segmenter(model: VolumeSegmenter, run, config: ConfigDict) -> dict[str, float]:
     """Per-class Dice (argmax prediction vs labels; cases without a class skip it) over the eval sources."""
-    from m3d_jax.data.pipeline import build_source
-    from m3d_jax.eval.metrics import per_class_dice
-
     if not config.eval.get("sources"):
         return {}
     names = build_source(config.eval.sources[0], config.data.get("root")).class_names
@@ -133,8 +129,6 @@ def evaluate_classifier(model: VolumeClassifier, run, config: ConfigDict) -> dic
 def export(model: VolumeSegmenter | VolumeClassifier, tokenizer, folder: str) -> None:
     """`folder/model.pth`: the nnFormer state dict in the reference's layout (`final.0.up.*` for the
     segmenter), plus `head.weight` [K, C] and `head.bias` for the classifier."""
-    from m3d_jax.convert.med3dinsight import save_state_dict, torch_state_dict
-
     tensors = torch_state_dict(model.backbone)
     if isinstance(model, VolumeClassifier):
         tensors["head.weight"] = np.asarray(model.head.kernel[...]).T

@@ -10,13 +10,20 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from m3d_jax import convert
-from m3d_jax.data.pipeline import SampleSpec
+from m3d_jax.data.phantoms import phantom_tokenizer
+from m3d_jax.data.pipeline import SampleSpec, build_source
+from m3d_jax.data.prompts import prompt_ids
+from m3d_jax.data.volume import load_volume, prepare
+from m3d_jax.generate import SamplingConfig, left_pad
 from m3d_jax.models.decoder_presets import PRESETS, TOKENIZER_SIZES
-from m3d_jax.models.lamed import ADDED_TOKENS, Lamed, LamedConfig, lamed_loss
+from m3d_jax.models.lamed import ADDED_TOKENS, Lamed, LamedConfig, generate_lamed, lamed_loss
 from m3d_jax.models.vit3d import ViT3DConfig
-from m3d_jax.tokenizer import LamedTokenIds
 from m3d_jax.sharding import on_host
-from m3d_jax.train.tasks import Task, augment_config, decoder_config, load_vision_tower, place, place_checkpoint, volume_batch
+from m3d_jax.tokenizer import LamedTokenIds, add_lamed_tokens, load_lamed_tokenizer, resize_token_embeddings
+from m3d_jax.train.lora import merge_lora
+from m3d_jax.train.tasks import (
+    Task, augment_config, decoder_config, load_vision_tower, place, place_checkpoint, volume_batch,
+)
 
 # The batch entries the model takes, with their ranks: [B, C, D, H, W] volumes, [B, L] token arrays.
 INPUTS = {"images": 5, "input_ids": 2, "attention_mask": 2, "labels": 2, "seg_masks": 5}
@@ -25,11 +32,7 @@ INPUTS = {"images": 5, "input_ids": 2, "attention_mask": 2, "labels": 2, "seg_ma
 def build_tokenizer(name: str):
     """"phantoms" (the offline word tokenizer of the phantom set) or a tokenizer folder; the LaMed tokens
     are added. Returns (tokenizer, LamedTokenIds)."""
-    from m3d_jax.tokenizer import add_lamed_tokens, load_lamed_tokenizer
-
     if name == "phantoms":
-        from m3d_jax.data.phantoms import phantom_tokenizer
-
         tokenizer = phantom_tokenizer()
         return tokenizer, add_lamed_tokens(tokenizer)
     return load_lamed_tokenizer(name)
@@ -84,8 +87,6 @@ def load_pretrained(model: Lamed, init: ConfigDict, mesh) -> None:
         place_checkpoint(model, init.lamed, "LaMed", mesh, expect="lamed")
         return
     if init.get("language_model"):
-        from m3d_jax.tokenizer import resize_token_embeddings
-
         config = model.config.decoder
         with on_host():
             loaded = convert.load(init.language_model, expect="decoder", dtype=config.dtype, remat=config.remat,
@@ -110,12 +111,6 @@ def sample_spec(config: ConfigDict, model_config: LamedConfig, *, train: bool) -
 def evaluate(model: Lamed, run, config: ConfigDict) -> dict[str, float]:
     """Closed-VQA accuracy (the M3D-Bench rule: correct when "{letter}." occurs in the greedy answer) on
     `eval.vqa_samples` questions of `eval.vqa_path`."""
-    from m3d_jax.data.pipeline import build_source
-    from m3d_jax.data.prompts import prompt_ids
-    from m3d_jax.data.volume import load_volume, prepare
-    from m3d_jax.generate import SamplingConfig, left_pad
-    from m3d_jax.models.lamed import generate_lamed
-
     model_config, tokenizer, eval_config = run.model_config, run.tokenizer, config.eval
     if not eval_config.get("vqa_samples"):
         return {}
@@ -143,8 +138,6 @@ def evaluate(model: Lamed, run, config: ConfigDict) -> dict[str, float]:
 def export(model: Lamed, tokenizer, folder: str) -> None:
     """LoRA merged into the LLM, then the released M3D-LaMed layout (config.json + safetensors) and the
     tokenizer."""
-    from m3d_jax.train.lora import merge_lora
-
     merge_lora(model)
     convert.export(model, folder, overwrite=True)  # a rerun of the same run replaces its export
     tokenizer.save_pretrained(folder)

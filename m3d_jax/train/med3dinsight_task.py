@@ -13,6 +13,7 @@ from ml_collections import ConfigDict
 
 from m3d_jax import convert
 from m3d_jax.data.insight_samples import InsightSampleSpec
+from m3d_jax.data.pipeline import build_mixture, iterate, to_global_arrays
 from m3d_jax.models.med3dinsight import Med3DInsight, Med3DInsightConfig, med3dinsight_loss, plan_diagonal_mass
 from m3d_jax.train.tasks import Task, count_samples, place_checkpoint, volume_batch
 
@@ -52,8 +53,6 @@ def evaluate(model: Med3DInsight, run, config: ConfigDict) -> dict[str, float]:
     """Mean mass the OT plans (3D ↔ slice image, 3D ↔ slice text) put on the true pairs, over
     `eval.plan_batches` batches of the eval sources (of the `ot_mass` transported; chance is ot_mass / B)."""
     import jax
-
-    from m3d_jax.data.pipeline import build_mixture, iterate, to_global_arrays
 
     batches = config.eval.get("plan_batches", 0)
     if not batches:

@@ -24,6 +24,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from m3d_jax.convert.torch_io import CheckpointReadError
+from m3d_jax.data.phantoms import write_phantoms
 from m3d_jax.data.pipeline import build_mixture, iterate, to_global_arrays
 from m3d_jax.errors import first_line
 from m3d_jax.sharding import MeshConfig, check_batch_sizes, create_sharded, make_mesh, replicate_strays, shard_model
@@ -251,8 +252,6 @@ def _ensure_phantoms(data: ConfigDict, primary: bool) -> None:
     if not cases or os.path.exists(os.path.join(data.root, "cap.json")):
         return
     if primary:
-        from m3d_jax.data.phantoms import write_phantoms
-
         logging.info("writing %d phantom cases to %s", cases, data.root)
         write_phantoms(data.root, num_cases=cases, seed=0)
     if jax.process_count() > 1:
