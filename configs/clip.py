@@ -13,7 +13,7 @@ pairs, the loss over the GLOBAL batch. Variants:
   python -m m3d_jax.train --config=configs/clip.py:phantoms --workdir=runs/clip-phantoms
 
 The export (`<workdir>/pytorch`) is in the released M3D-CLIP layout; its vision tower is what LaMed's
-`init.vision_tower` takes (`vision_layout=m3d_clip`, or convert it with tools/convert_checkpoint.py).
+`init.vision_tower` takes with `init.vision_layout=m3d_clip`.
 """
 
 import dataclasses

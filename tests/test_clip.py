@@ -196,3 +196,24 @@ def test_released_config_without_text_config_means_bert_base():
     assert counts["language_encoder"] == 109_482_240  # bert-base-uncased with its pooler
     assert counts["vision_encoder"] == 12 * (4 * 768 + 4 * 768 * 768 + 768 + 2 * 768 * 3072 + 3072 + 768) + (
         1024 * 768 + 768) + 2048 * 768 + 768 + 2 * 768
+
+
+def test_lamed_vision_tower_starts_from_an_exported_m3d_clip(tmp_path):
+    """init.vision_layout=m3d_clip takes the vision encoder of a whole M3D-CLIP folder (a clip run's export)."""
+    from ml_collections import ConfigDict
+
+    from m3d_jax.models.vit3d import ViT3D
+    from m3d_jax.sharding import make_mesh
+    from m3d_jax.train.tasks import load_vision_tower
+
+    clip = M3DClip(ClipConfig(vision=dataclasses.replace(TINY, select_feature="cls_patch"),
+                              text=BertConfig.from_hf(TINY_BERT), embed_dim=16), rngs=nnx.Rngs(3))
+    export(clip, tmp_path / "clip")
+    tower = ViT3D(dataclasses.replace(TINY, cls_token=True), rngs=nnx.Rngs(0))
+    init = ConfigDict(dict(vision_tower=str(tmp_path / "clip"), vision_layout="m3d_clip"))
+    load_vision_tower(tower, tower.config, init, make_mesh())
+    expected = nnx.to_flat_state(nnx.state(clip.vision_encoder))
+    loaded = dict(nnx.to_flat_state(nnx.state(tower)))
+    assert len(expected) == len(loaded)
+    for path, variable in expected:
+        assert np.array_equal(np.asarray(loaded[path][...]), np.asarray(variable[...])), path

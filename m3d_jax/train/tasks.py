@@ -115,9 +115,16 @@ def place_checkpoint(module: nnx.Module, path: str, name: str, mesh, **load_args
 
 
 def load_vision_tower(module: nnx.Module, vision_config, init: ConfigDict, mesh) -> None:
-    """Fills a ViT3D from `init.vision_tower` (a 3D ViT checkpoint in `init.vision_layout`), if set."""
-    if not init.get("vision_tower"):
+    """Fills a ViT3D from `init.vision_tower`, if set: a 3D ViT checkpoint in `init.vision_layout` (see
+    m3d_jax.convert.vit3d.VIT3D_PREFIXES), or with the layout `m3d_clip` a whole M3D-CLIP folder (released,
+    converted, or a clip run's export), whose vision encoder is taken."""
+    path = init.get("vision_tower")
+    if not path:
         return
+    layout = init.get("vision_layout", "m3d_clip_vision")
     with on_host():
-        loaded, _ = load_vit3d(init.vision_tower, vision_config, init.get("vision_layout", "m3d_clip_vision"))
-        place(module, loaded, "vision tower", init.vision_tower, mesh)
+        if layout == "m3d_clip":
+            loaded = convert.load(path, expect="clip").vision_encoder
+        else:
+            loaded, _ = load_vit3d(path, vision_config, layout)
+        place(module, loaded, "vision tower", path, mesh)
