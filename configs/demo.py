@@ -9,23 +9,15 @@ LaMed layout) in the workdir. About 7 minutes on 2 cores (writing 3000 phantoms,
 """
 
 import dataclasses
-import importlib.util
-import os
 
 from ml_collections import ConfigDict
 
+from configs import lamed
 from m3d_jax.models.vit3d import ViT3DConfig
 
 
-def _lamed_config() -> ConfigDict:
-    spec = importlib.util.spec_from_file_location("lamed_config", os.path.join(os.path.dirname(__file__), "lamed.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("stage2_phi3")
-
-
 def get_config() -> ConfigDict:
-    config = _lamed_config()
+    config = lamed.get_config("stage2_phi3")
     # The vision tower stays at its random initialisation (there is no pretrained M3D-CLIP tower to start
     # from here): trained from scratch jointly, it loses the position identity that left/right answers need.
     config.trainable = ("mm_projector", "language_model")  # all but the vision tower (there is no SegVol)

@@ -18,10 +18,10 @@ The phantom variants start from `init.backbone` when it is set (e.g. the phantom
 """
 
 import dataclasses
-import importlib.util
-from pathlib import Path
 
 from ml_collections import ConfigDict
+
+from configs import med3dinsight
 
 from m3d_jax.config import run_options
 from m3d_jax.models.nnformer import NnFormerConfig
@@ -60,16 +60,8 @@ def get_config(variant: str = "segment") -> ConfigDict:
     return config
 
 
-def _pretraining_config(variant: str) -> ConfigDict:
-    """configs/med3dinsight.py's config (loaded by path, as config files are), whose backbone this fine-tunes."""
-    spec = importlib.util.spec_from_file_location("med3dinsight_config", Path(__file__).with_name("med3dinsight.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
-
-
 def _phantoms(config: ConfigDict, segment: bool) -> None:
-    config.model.backbone = _pretraining_config("phantoms").model.backbone.to_dict()
+    config.model.backbone = med3dinsight.get_config("phantoms").model.backbone.to_dict()
     config.model.num_classes = 3 if segment else 2  # background / body / lesion, or left / right
     config.optim.learning_rate = 2e-3
     kind, path = ("label_map", "labels.json") if segment else ("class_label", "classes.json")

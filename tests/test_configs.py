@@ -13,7 +13,7 @@ from m3d_jax.models.decoder import DecoderConfig
 from m3d_jax.models.decoder_presets import PRESETS
 from m3d_jax.models.vit3d import ViT3DConfig
 
-CONFIGS = sorted(pathlib.Path(__file__).parent.parent.joinpath("configs").glob("*.py"))
+CONFIGS = sorted(p for p in pathlib.Path(__file__).parent.parent.joinpath("configs").glob("*.py") if p.name != "__init__.py")
 VIT_CONFIGS = [path for path in CONFIGS if path.name in ("m3d_clip_vit3d.py", "vit3d_tiny.py")]
 
 
