@@ -3,10 +3,50 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+from m3d_jax.layers.attention import AttentionImpl
+from m3d_jax.layers.params import canonical_dtype
+from m3d_jax.layers.stack import RematPolicy
+
 T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Precision:
+    """A model config's compute and parameter dtypes ("float32", "bfloat16", ...)."""
+
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        for field in ("dtype", "param_dtype"):
+            try:
+                canonical_dtype(getattr(self, field))
+            except TypeError:
+                raise ValueError(f"{type(self).__name__}.{field}: {getattr(self, field)!r} is not a dtype") from None
+
+    def dtypes(self) -> dict[str, Any]:
+        """`dtype=` and `param_dtype=` as the layers take them."""
+        return dict(dtype=canonical_dtype(self.dtype), param_dtype=canonical_dtype(self.param_dtype))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ComputeOptions(Precision):
+    """How a stack of transformer layers runs: dtypes, rematerialisation, scanned layers, attention kernel."""
+
+    remat: RematPolicy = "none"
+    scan_layers: bool = False
+    attention_impl: AttentionImpl = "auto"
+
+    def __post_init__(self):
+        super().__post_init__()
+        for field, kind in (("remat", RematPolicy), ("attention_impl", AttentionImpl)):
+            if getattr(self, field) not in typing.get_args(kind):
+                raise ValueError(f"{type(self).__name__}.{field} must be one of {typing.get_args(kind)}, "
+                                 f"got {getattr(self, field)!r}")
 
 
 def dataclass_from_mapping(cls: type[T], values: Mapping[str, Any]) -> T:

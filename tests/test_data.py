@@ -10,7 +10,8 @@ from conftest import word_tokenizer
 
 from m3d_jax.data.augment import AugmentConfig, augment, record_rng
 from m3d_jax.data.phantoms import write_phantoms
-from m3d_jax.data.pipeline import SampleSpec, batched, source_dataset, source_samples
+from m3d_jax.data.lamed_samples import LamedSampleSpec, LamedTransform
+from m3d_jax.data.pipeline import batched, source_dataset, source_samples
 from m3d_jax.data.prompts import box_from_mask, box_text, tokenize_sample
 from m3d_jax.data.sources import CaptionSource, VQASource
 from m3d_jax.data.volume import VolumeError, load_volume
@@ -108,7 +109,7 @@ def _batches(dataset, count, state=None):
 
 
 def test_pipeline_is_deterministic_and_resumes_exactly(phantoms, tokenizer):
-    spec = SampleSpec(image_size=(16, 32, 32), proj_out_num=4, image_token_id=256, max_length=48)
+    spec = LamedSampleSpec(image_size=(16, 32, 32), proj_out_num=4, image_token_id=256, max_length=48)
     source = VQASource(phantoms / "vqa_train.csv")
     make = lambda seed: source_dataset(source, tokenizer, spec, seed=seed, batch_size=2)  # noqa: E731
     first, _ = _batches(make(0), 6)
@@ -128,7 +129,7 @@ def test_pipeline_is_deterministic_and_resumes_exactly(phantoms, tokenizer):
 
 
 def test_processes_load_disjoint_rows_of_the_same_global_batches(phantoms, tokenizer):
-    spec = SampleSpec(image_size=(16, 32, 32), proj_out_num=4, image_token_id=256, max_length=48, augment=None)
+    spec = LamedSampleSpec(image_size=(16, 32, 32), proj_out_num=4, image_token_id=256, max_length=48, augment=None)
     source = VQASource(phantoms / "vqa_train.csv")
     whole = _batches(source_dataset(source, tokenizer, spec, seed=0, batch_size=4), 3)[0]
     parts = [_batches(source_dataset(source, tokenizer, spec, seed=0, batch_size=4, process_index=p,
@@ -141,11 +142,10 @@ def test_processes_load_disjoint_rows_of_the_same_global_batches(phantoms, token
         source_dataset(source, tokenizer, spec, seed=0, batch_size=3, process_count=2)
 
 
-SPEC = SampleSpec(image_size=(16, 32, 32), proj_out_num=4, image_token_id=256, max_length=48)
+SPEC = LamedSampleSpec(image_size=(16, 32, 32), proj_out_num=4, image_token_id=256, max_length=48)
 
 
 def test_seg_refseg_and_positioning_samples(phantoms, tokenizer):
-    from m3d_jax.data.pipeline import LamedTransform
     from m3d_jax.data.sources import RefSegSource, SegSource
 
     seg = SegSource(phantoms / "seg.json", "training")
@@ -228,7 +228,7 @@ def _bad_inputs(root):
 
 
 def test_each_bad_input_names_the_file_or_is_counted_when_skipping(tmp_path, tokenizer):
-    from m3d_jax.data.pipeline import BadRecordLog, LamedTransform, RecordError
+    from m3d_jax.data.pipeline import BadRecordLog, RecordError
     from m3d_jax.data.sources import _ListSource
 
     cases = _bad_inputs(tmp_path)

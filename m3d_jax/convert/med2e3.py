@@ -29,9 +29,7 @@ from m3d_jax.convert.keymap import LINEAR, ConversionReport, KeyMap, Rule
 from m3d_jax.convert.kind import Kind, Part, Source, detect
 from m3d_jax.convert.slice_encoder import siglip_vision_keymap
 from m3d_jax.convert.torch_io import CheckpointReader, CheckpointReadError
-from m3d_jax.layers import Dense
-from m3d_jax.layers.params import canonical_dtype
-from m3d_jax.models.med2e3 import Med2E3, Med2E3Config
+from m3d_jax.models.med2e3 import Med2E3, Med2E3Config, Vision3DConnector
 
 PARTS = ("llm", "vision2d_model", "vision2d_connector", "vision3d_model", "vision3d_connector")
 
@@ -113,7 +111,5 @@ def read_without_text_mlp(folder: str | os.PathLike) -> tuple[Med2E3, Conversion
     report = read_parts(folder, KIND, config, model, parts)
     logging.warning("%s has no text_mlp (a checkpoint saved by the reference's loader path?); it is initialised "
                     "randomly, so text-guided slice scores are meaningless until it is trained", folder)
-    model.vision3d_connector.text_mlp = Dense(config.vision3d.text.hidden_size, config.decoder.hidden_size,
-                                              axes=("mlp2", "embed"),
-                                              param_dtype=canonical_dtype(config.decoder.param_dtype), rngs=nnx.Rngs(0))
+    model.vision3d_connector.text_mlp = Vision3DConnector(config, rngs=nnx.Rngs(0)).text_mlp
     return model, report

@@ -16,7 +16,8 @@ import numpy as np
 
 from m3d_jax.data.augment import AugmentConfig, augment
 from m3d_jax.data.clip_samples import text_ids
-from m3d_jax.data.pipeline import RecordError, RecordTransform, record_texts
+from m3d_jax.data.lamed_samples import record_texts
+from m3d_jax.data.pipeline import RecordError, RecordTransform
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
           "detailed, and polite answers to the user's questions. ")

@@ -1,5 +1,5 @@
 """The Grain pipeline: source → seeded shuffle (a new order each epoch) → map (read, preprocess, augment,
-tokenize: the spec's transform, LaMed's or CLIP's) → one global stream of samples numbered 0, 1, 2, ... →
+tokenize: the spec's transform, from the family's `*_samples` module) → one global stream of samples numbered 0, 1, 2, ... →
 this process's rows of each GLOBAL batch → fixed-shape local batches. A sample is a pure function of
 (seed, epoch, index), so the global batches are the same whatever the number of processes, and the
 iterator's state (grain `get_state`/`set_state`) resumes at the exact next batch."""
@@ -7,37 +7,18 @@ iterator's state (grain `get_state`/`set_state`) resumes at the exact next batch
 from __future__ import annotations
 
 import collections
-import dataclasses
 import os
 import threading
+from collections.abc import Callable
 
 import grain.python as grain
 import numpy as np
 from absl import logging
 
 from m3d_jax.data import sources
-from m3d_jax.data.augment import AugmentConfig, augment, record_rng
-from m3d_jax.data.prompts import (
-    CAPTION_PROMPTS, REC_PROMPTS, REG_PROMPTS, SEGMENT_ANSWERS, SEGMENT_PROMPTS, box_from_mask, box_text, choose,
-    tokenize_sample,
-)
-from m3d_jax.data.volume import VolumeError, load_volume, prepare, prepare_mask
+from m3d_jax.data.augment import record_rng
+from m3d_jax.data.volume import VolumeError, load_volume, prepare
 from m3d_jax.errors import InputError
-
-
-@dataclasses.dataclass(frozen=True)
-class SampleSpec:
-    image_size: tuple[int, int, int]
-    proj_out_num: int
-    image_token_id: int
-    max_length: int
-    in_channels: int = 1
-    augment: AugmentConfig | None = AugmentConfig()
-    window: tuple[float, float] | None = None  # CT (level, width) before min-max; None = M3D's plain min-max
-    skip_bad_records: bool = False
-
-    def transform(self, tokenizer, seed: int, epoch_length: int) -> LamedTransform:
-        return LamedTransform(tokenizer, self, seed, epoch_length)
 
 
 class RecordError(InputError):
@@ -118,18 +99,6 @@ class BadRecordLog:
             logging.warning("%s: epoch %d of %s: skipped %d of %d records", self.name, epoch, source, bad, good + bad)
 
 
-def load_record_mask(record: dict, image_shape: tuple[int, ...]) -> np.ndarray:
-    """The record's binary mask [1, D, H, W] at the raw volume's size (its class value, or > 0)."""
-    mask = load_volume(record["mask"]).array
-    if mask.shape[1:] == (1, 1, 1) and not mask.any():  # M3D-Seg stores an absent class as [1,1,1,1] zeros
-        return np.zeros((1, *image_shape[1:]), np.float32)
-    if mask.shape[1:] != image_shape[1:]:
-        raise RecordError(f"{record['mask']}: mask shape {mask.shape} does not match image {record['image']} "
-                          f"shape {image_shape}")
-    value = record.get("mask_value")
-    return ((mask == value) if value is not None else (mask > 0)).astype(np.float32)[:1]
-
-
 class RecordTransform:
     """(index, record) → a sample dict (`_sample`, per subclass); picklable. A bad record raises a
     RecordError / VolumeError that names its file (skipped and counted by `source_samples` with
@@ -155,42 +124,6 @@ class RecordTransform:
         volume = load_volume(record["image"], channels=spec.in_channels).array
         image, geometry = prepare(volume, spec.image_size, spec.window)
         return volume, image, geometry, rng
-
-
-class LamedTransform(RecordTransform):
-    """→ dict(images [C,D,H,W], seg_masks [1,D,H,W], input_ids, attention_mask, labels [L])."""
-
-    def _sample(self, index: int, record: dict) -> dict[str, np.ndarray]:
-        spec = self.spec
-        volume, image, geometry, rng = self._image(index, record)
-        mask = prepare_mask(load_record_mask(record, volume.shape), geometry) if "mask" in record else None
-        if spec.augment is not None:
-            image, mask = augment(image, mask, rng, spec.augment)
-        question, answer = record_texts(record, mask, rng)
-        try:
-            sample = tokenize_sample(self.tokenizer, question, answer, proj_out_num=spec.proj_out_num,
-                                     max_length=spec.max_length, image_token_id=spec.image_token_id)
-        except ValueError as err:
-            raise RecordError(f"{record['image']}: {err}") from None
-        seg = mask if mask is not None and record["task"] in ("seg", "refseg") else np.zeros((1, *image.shape[1:]))
-        return {"images": image.astype(np.float32), "seg_masks": seg.astype(np.float32),
-                "input_ids": sample.input_ids, "attention_mask": sample.attention_mask, "labels": sample.labels}
-
-
-def record_texts(record: dict, mask: np.ndarray | None, rng: np.random.Generator) -> tuple[str, str]:
-    """(question, answer) of a record: its own, or drawn from the task's templates (box text from the mask)."""
-    task = record["task"]
-    if task in ("caption", "vqa_closed", "vqa_open", "refseg"):
-        return record.get("question") or choose(CAPTION_PROMPTS, rng), record["answer"]
-    target = record["target"]
-    if task == "seg":
-        return choose(SEGMENT_PROMPTS, rng, target=target), choose(SEGMENT_ANSWERS, rng, target=target)
-    if not mask.any():
-        raise RecordError(f"{record['mask']}: empty mask for {target!r}; no box to ask or answer about")
-    box = box_text(box_from_mask(mask[0]))
-    if task == "rec":
-        return choose(REC_PROMPTS, rng, target=target), f"It is at {box}."
-    return choose(REG_PROMPTS, rng, box=box), f"It is the {target}."
 
 
 def _is_sample(sample) -> bool:
@@ -325,30 +258,29 @@ def to_global_arrays(batch: dict[str, np.ndarray], mesh) -> dict:
             for key, value in batch.items()}
 
 
-SOURCES = {"cap": "CaptionSource", "vqa_closed": "VQASource", "vqa_open": "VQASource", "seg": "SegSource",
-           "rec": "SegSource", "reg": "SegSource", "refseg": "RefSegSource", "slices": "SliceEmbeddingSource",
-           "label_map": "LabelMapSource", "class_label": "ClassLabelSource"}
+# kind → (the source built from (path, split), the split used when the entry names none)
+SOURCES: dict[str, tuple[Callable[[str, str], object], str]] = {
+    "cap": (sources.CaptionSource, "train"),
+    "vqa_closed": (lambda path, _: sources.VQASource(path, closed=True), ""),
+    "vqa_open": (lambda path, _: sources.VQASource(path, closed=False), ""),
+    **{task: (lambda path, split, task=task: sources.SegSource(path, split, task=task), "training")
+       for task in ("seg", "rec", "reg")},
+    "refseg": (lambda path, _: sources.RefSegSource(path), ""),
+    "slices": (sources.SliceEmbeddingSource, "train"),
+    "label_map": (sources.LabelMapSource, "training"),
+    "class_label": (sources.ClassLabelSource, "training"),
+}
 
 
 def build_source(entry, root: str | None = None) -> object:
     """A source from a config entry: kind (cap, vqa_closed, vqa_open, seg, rec, reg, refseg; slices for
     Med3DInsight; label_map and class_label for fine-tuning), path (relative paths are joined to `root`),
     split."""
-    kind, split = entry["kind"], entry.get("split", "")
-    path = os.path.join(root, entry["path"]) if root else entry["path"]
+    kind = entry["kind"]
     if kind not in SOURCES:
         raise ValueError(f"unknown data source kind {kind!r}; choose one of {sorted(SOURCES)}")
-    if kind == "cap":
-        return sources.CaptionSource(path, split or "train")
-    if kind.startswith("vqa"):
-        return sources.VQASource(path, closed=kind == "vqa_closed")
-    if kind in ("seg", "rec", "reg"):
-        return sources.SegSource(path, split or "training", task=kind)
-    if kind == "slices":
-        return sources.SliceEmbeddingSource(path, split or "train")
-    if kind in ("label_map", "class_label"):
-        return getattr(sources, SOURCES[kind])(path, split or "training")
-    return sources.RefSegSource(path)
+    make, default_split = SOURCES[kind]
+    return make(os.path.join(root, entry["path"]) if root else entry["path"], entry.get("split", "") or default_split)
 
 
 def build_mixture(data_config, tokenizer, spec, *, seed: int, process_index: int = 0,

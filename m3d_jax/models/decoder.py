@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from m3d_jax.config import dataclass_from_mapping
-from m3d_jax.layers import Dense, RematPolicy, run_stack, stacked
+from m3d_jax.config import ComputeOptions, dataclass_from_mapping
+from m3d_jax.layers import Dense, run_stack, stacked
 from m3d_jax.layers.stack import unstack
-from m3d_jax.layers.attention import AttentionImpl, CausalSelfAttention, KVCache, causal_mask
+from m3d_jax.layers.attention import CausalSelfAttention, KVCache, causal_mask
 from m3d_jax.layers.embed import Embed
 from m3d_jax.layers.mlp import GatedMlp
 from m3d_jax.layers.norms import RMSNorm
@@ -29,7 +29,7 @@ from m3d_jax.sharding import RESIDUAL, constrain
 
 
 @dataclasses.dataclass(frozen=True)
-class DecoderConfig:
+class DecoderConfig(ComputeOptions):
     """Decoder hyper-parameters; `from_hf` reads a transformers `config.json`, `to_hf` writes one."""
 
     architecture: Literal["phi3", "llama"] = "phi3"
@@ -60,13 +60,9 @@ class DecoderConfig:
     bos_token_id: int = 1
     eos_token_ids: tuple[int, ...] = (32000,)
     pad_token_id: int = 32000
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    remat: RematPolicy = "none"
-    scan_layers: bool = False
-    attention_impl: AttentionImpl = "auto"
 
     def __post_init__(self):
+        super().__post_init__()
         for name in ("rope_short_factor", "rope_long_factor", "eos_token_ids"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.num_heads % self.num_kv_heads:
@@ -188,7 +184,7 @@ class DecoderOutput(NamedTuple):
 
 class DecoderLayer(nnx.Module):
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
-        dtypes = dict(dtype=canonical_dtype(config.dtype), param_dtype=canonical_dtype(config.param_dtype))
+        dtypes = config.dtypes()
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, rngs=rngs, **dtypes)
         self.self_attn = CausalSelfAttention(
             config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
@@ -213,7 +209,7 @@ class Decoder(nnx.Module):
 
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
         self.config = config
-        dtypes = dict(dtype=canonical_dtype(config.dtype), param_dtype=canonical_dtype(config.param_dtype))
+        dtypes = config.dtypes()
         self.embed_tokens = Embed(config.vocab_size, config.hidden_size, rngs=rngs, **dtypes)
         self.layers = stacked(lambda layer_rngs: DecoderLayer(config, rngs=layer_rngs), config.num_layers, rngs)
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, rngs=rngs, **dtypes)

@@ -19,7 +19,6 @@ from flax import nnx
 
 from m3d_jax.config import dataclass_from_mapping
 from m3d_jax.generate import SamplingConfig, generate
-from m3d_jax.layers.params import canonical_dtype
 from m3d_jax.models.decoder import Decoder, DecoderConfig
 from m3d_jax.models.projector import ProjectorConfig, SpatialPoolingProjector
 from m3d_jax.models.segvol import SegProjector, SegVol, SegVolConfig
@@ -175,8 +174,7 @@ class Lamed(nnx.Module):
         self.mm_projector = SpatialPoolingProjector(config.projector, rngs=rngs)
         self.language_model = Decoder(config.decoder, rngs=rngs)
         if config.segvol is not None:
-            dtypes = dict(dtype=canonical_dtype(config.decoder.dtype),
-                          param_dtype=canonical_dtype(config.decoder.param_dtype))
+            dtypes = config.decoder.dtypes()
             self.seg_projector = SegProjector(config.decoder.hidden_size, config.vision.hidden_size, dtypes=dtypes,
                                               rngs=rngs)
             self.seg_module = SegVol(config.segvol, rngs=rngs)

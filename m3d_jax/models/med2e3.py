@@ -28,12 +28,11 @@ from flax import nnx
 from m3d_jax.config import dataclass_from_mapping
 from m3d_jax.generate import SamplingConfig, generate
 from m3d_jax.layers import Dense
-from m3d_jax.layers.params import canonical_dtype
 from m3d_jax.models.clip import ClipConfig, M3DClip
 from m3d_jax.models.decoder import Decoder, DecoderConfig
 from m3d_jax.models.decoder_presets import phi3_mini_128k
 from m3d_jax.models.lamed import causal_lm_loss, placeholder_starts, splice
-from m3d_jax.models.projector import ProjectorConfig, SpatialPoolingProjector
+from m3d_jax.models.projector import ProjectorConfig, SpatialPoolingProjector, mlp_layers, run_mlp
 from m3d_jax.models.slice_encoder import SiglipVision, SiglipVisionConfig, encode_slices
 
 
@@ -156,24 +155,17 @@ class Connector(nnx.Module):
     """Linear → (GELU → Linear)*: the reference's `mlpNx_gelu` connectors (Sequential indices 0, 2, ...)."""
 
     def __init__(self, in_dim: int, out_dim: int, num_layers: int, *, rngs: nnx.Rngs, **dtypes):
-        widths = [in_dim] + [out_dim] * num_layers
-        self.layers = nnx.List([
-            Dense(a, b, axes=("vision_embed" if i == 0 else "mlp", "mlp" if i + 1 < num_layers else "embed"),
-                  rngs=rngs, **dtypes)
-            for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]))
-        ])
+        self.layers = mlp_layers(in_dim, out_dim, num_layers, rngs=rngs, **dtypes)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        for index, layer in enumerate(self.layers):
-            x = layer(jax.nn.gelu(x, approximate=False) if index else x)
-        return x
+        return run_mlp(self.layers, x)
 
 
 class Vision3DConnector(nnx.Module):
     """Spatial pooling + MLP (`_connector`), and `text_mlp` projecting the question for TG-IS."""
 
     def __init__(self, config: Med2E3Config, *, rngs: nnx.Rngs):
-        dtypes = dict(dtype=canonical_dtype(config.decoder.dtype), param_dtype=canonical_dtype(config.decoder.param_dtype))
+        dtypes = config.decoder.dtypes()
         self.projector = SpatialPoolingProjector(config.projector, rngs=rngs)
         self.text_mlp = Dense(config.vision3d.text.hidden_size, config.decoder.hidden_size, axes=("mlp2", "embed"),
                               rngs=rngs, **dtypes)
@@ -206,7 +198,7 @@ def slice_scores(x3d: jax.Array, v2d: jax.Array, text: jax.Array, groups: int, t
 class Med2E3(nnx.Module):
     def __init__(self, config: Med2E3Config, *, rngs: nnx.Rngs):
         self.config = config
-        dtypes = dict(dtype=canonical_dtype(config.decoder.dtype), param_dtype=canonical_dtype(config.decoder.param_dtype))
+        dtypes = config.decoder.dtypes()
         self.llm = Decoder(config.decoder, rngs=rngs)
         self.vision2d_model = SiglipVision(config.vision2d, rngs=rngs)
         self.vision2d_connector = Connector(config.vision2d.hidden_size, config.decoder.hidden_size,

@@ -48,9 +48,10 @@ import numpy as np
 from einops import rearrange
 from flax import nnx
 
-from m3d_jax.config import dataclass_from_mapping
+from m3d_jax.config import Precision, dataclass_from_mapping
 from m3d_jax.layers import Dense, LayerNorm, Mlp, RematPolicy, activation, param
-from m3d_jax.layers.params import DType, canonical_dtype, truncated_normal, zeros
+from m3d_jax.layers.conv import Conv3d, ConvTranspose3d, torch_default_init
+from m3d_jax.layers.params import DType, truncated_normal
 
 RelativeIndexMode = Literal["reference", "corrected"]
 
@@ -59,7 +60,6 @@ RelativeIndexMode = Literal["reference", "corrected"]
 SHIFT_MASK_VALUE = -100.0
 
 # torch's default Conv/Linear init (kaiming_uniform with a=√5): U(±1/√fan_in).
-_torch_default_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 _REMAT_POLICIES: dict[str, Any] = {
     "full": None,
@@ -72,7 +72,7 @@ _REMAT_POLICIES: dict[str, Any] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class NnFormerConfig:
+class NnFormerConfig(Precision):
     """nnFormer hyper-parameters; defaults are Med3DInsight's pretraining setup (`task_pretrain.py`).
 
     Decoder stage k (k = 0 … num_stages − 2; run deepest first) works at encoder stage k's width and
@@ -99,11 +99,10 @@ class NnFormerConfig:
     relative_index: RelativeIndexMode = "reference"  # quirk 12; "corrected": one table row per 3D offset
     reconstruction_head: bool = True  # `res`: ConvTranspose3d(embed → in_channels, patch, patch)
     segmentation_head: bool = True  # `final`: ConvTranspose3d(embed → num_classes, patch, patch)
-    dtype: str = "float32"
-    param_dtype: str = "float32"
     remat: RematPolicy = "none"  # rematerialise each transformer block in the backward pass
 
     def __post_init__(self):
+        super().__post_init__()
         for name in ("crop_size", "patch_size", "depths", "num_heads", "window_sizes"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if len(self.crop_size) != 3 or len(self.patch_size) != 3:
@@ -265,45 +264,6 @@ def drop_path(x: jax.Array, rate: float, rngs: nnx.Rngs | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
-# --- convolutions ------------------------------------------------------------------------------------
-
-
-class Conv3d(nnx.Module):
-    """torch Conv3d (cross-correlation, symmetric zero padding) on channels-last volumes; kernel (k, k, k, I, O)."""
-
-    def __init__(self, in_features: int, out_features: int, *, kernel: int, stride: int, padding: int,
-                 dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
-        self.stride, self.padding, self.dtype = stride, padding, dtype
-        self.kernel = param(rngs, _torch_default_init, (kernel,) * 3 + (in_features, out_features), param_dtype,
-                            (None, None, None, "embed", "conv_out"))
-        self.bias = param(rngs, zeros, (out_features,), param_dtype, ("conv_out",))
-
-    def __call__(self, x: jax.Array) -> jax.Array:  # [B, D, H, W, I] → [B, D', H', W', O]
-        out = jax.lax.conv_general_dilated(
-            x.astype(self.dtype), self.kernel[...].astype(self.dtype), (self.stride,) * 3,
-            [(self.padding, self.padding)] * 3, dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
-        )
-        return out + self.bias[...].astype(self.dtype)
-
-
-class ConvTranspose3d(nnx.Module):
-    """torch ConvTranspose3d with stride = kernel = k and no padding: every input voxel writes its own
-    k³ block, out[k·d + a, k·h + b, k·w + c] = x[d, h, w] · kernel[a, b, c] + bias — an einsum then a
-    pixel shuffle (no overlap, so no kernel flip to get wrong). Kernel (k, k, k, I, O)."""
-
-    def __init__(self, in_features: int, out_features: int, *, kernel: int, dtype: DType, param_dtype: DType,
-                 rngs: nnx.Rngs):
-        self.size, self.dtype = kernel, dtype
-        self.kernel = param(rngs, _torch_default_init, (kernel,) * 3 + (in_features, out_features), param_dtype,
-                            (None, None, None, "embed", "conv_out"))
-        self.bias = param(rngs, zeros, (out_features,), param_dtype, ("conv_out",))
-
-    def __call__(self, x: jax.Array) -> jax.Array:  # [B, D, H, W, I] → [B, kD, kH, kW, O]
-        blocks = jnp.einsum("bdhwi,pqrio->bdhwpqro", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
-        out = rearrange(blocks, "b d h w p q r o -> b (d p) (h q) (w r) o")
-        return out + self.bias[...].astype(self.dtype)
-
-
 # --- stem, merging, upsampling -----------------------------------------------------------------------
 
 
@@ -376,11 +336,11 @@ class WindowAttention(nnx.Module):
         self.num_heads, self.head_dim = num_heads, features // num_heads
         self.window, self.relative_index = window, relative_index
         heads = (num_heads, self.head_dim)
-        common = dict(use_bias=qkv_bias, kernel_init=_torch_default_init, rngs=rngs, **dtypes)
+        common = dict(use_bias=qkv_bias, kernel_init=torch_default_init, rngs=rngs, **dtypes)
         axes = ("embed", None, "heads", "head_dim")
         self.qkv = None if skip_attention else Dense(features, (3, *heads), axes=axes, **common)
         self.kv = Dense(features, (2, *heads), axes=axes, **common) if skip_attention else None
-        self.proj = Dense(heads, features, axes=("heads", "head_dim", "embed"), kernel_init=_torch_default_init,
+        self.proj = Dense(heads, features, axes=("heads", "head_dim", "embed"), kernel_init=torch_default_init,
                           rngs=rngs, **dtypes)
         self.relative_position_bias_table = param(
             rngs, truncated_normal(0.02), ((2 * window - 1) ** 3, num_heads), param_dtype,
@@ -566,7 +526,7 @@ class NnFormer(nnx.Module):
 
     def __init__(self, config: NnFormerConfig, *, rngs: nnx.Rngs):
         self.config = config
-        dtypes = dict(dtype=canonical_dtype(config.dtype), param_dtype=canonical_dtype(config.param_dtype))
+        dtypes = config.dtypes()
         self.model_down = Encoder(config, rngs=rngs, **dtypes)
         self.decoder = Decoder(config, rngs=rngs, **dtypes)
         head = dict(kernel=4, rngs=rngs, **dtypes)

@@ -15,12 +15,13 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
+from m3d_jax.config import Precision
 from m3d_jax.layers import Dense
 from m3d_jax.layers.params import canonical_dtype
 
 
 @dataclasses.dataclass(frozen=True)
-class ProjectorConfig:
+class ProjectorConfig(Precision):
     grid: tuple[int, int, int] = (8, 16, 16)  # the vision tower's patch grid (image_size / patch_size)
     in_dim: int = 768
     out_dim: int = 3072
@@ -28,10 +29,9 @@ class ProjectorConfig:
     layer_num: int = 2
     pooling_type: str = "spatial"  # spatial | sequence
     pooling_size: int = 2
-    dtype: str = "float32"
-    param_dtype: str = "float32"
 
     def __post_init__(self):
+        super().__post_init__()
         object.__setattr__(self, "grid", tuple(self.grid))
         if self.layer_type not in ("mlp", "linear") or self.pooling_type not in ("spatial", "sequence"):
             raise ValueError(f"unsupported projector {self.layer_type}/{self.pooling_type}")
@@ -44,16 +44,28 @@ class ProjectorConfig:
         return math.prod(g // self.pooling_size for g in self.grid)
 
 
+def mlp_layers(in_dim: int, out_dim: int, num_layers: int, *, rngs: nnx.Rngs, **dtypes) -> nnx.List:
+    """The Linears of a vision → LLM projection: in_dim → out_dim, then out_dim → out_dim (the reference's
+    Sequential(Linear, GELU, Linear, ...) holds them at indices 0, 2, ...)."""
+    widths = [in_dim] + [out_dim] * num_layers
+    return nnx.List([
+        Dense(fan_in, fan_out, axes=("vision_embed" if i == 0 else "mlp", "mlp" if i + 1 < num_layers else "embed"),
+              rngs=rngs, **dtypes)
+        for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:]))
+    ])
+
+
+def run_mlp(layers: nnx.List, x: jax.Array, *, gelu: bool = True) -> jax.Array:
+    """`mlp_layers` applied in turn, with an exact GELU between them when `gelu` (else all linear)."""
+    for index, layer in enumerate(layers):
+        x = layer(jax.nn.gelu(x, approximate=False) if gelu and index else x)
+    return x
+
+
 class SpatialPoolingProjector(nnx.Module):
     def __init__(self, config: ProjectorConfig, *, rngs: nnx.Rngs):
         self.config = config
-        dtypes = dict(dtype=canonical_dtype(config.dtype), param_dtype=canonical_dtype(config.param_dtype))
-        widths = [config.in_dim] + [config.out_dim] * config.layer_num
-        self.layers = nnx.List([
-            Dense(fan_in, fan_out, axes=("vision_embed" if i == 0 else "mlp", "mlp" if i + 1 < config.layer_num
-                                          else "embed"), rngs=rngs, **dtypes)
-            for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:]))
-        ])
+        self.layers = mlp_layers(config.in_dim, config.out_dim, config.layer_num, rngs=rngs, **config.dtypes())
 
     def pool(self, features: jax.Array) -> jax.Array:
         """[B, N, C] → [B, proj_out_num, C] by average pooling."""
@@ -69,8 +81,4 @@ class SpatialPoolingProjector(nnx.Module):
 
     def __call__(self, features: jax.Array) -> jax.Array:
         x = self.pool(features.astype(jnp.float32)).astype(canonical_dtype(self.config.dtype))
-        for index, layer in enumerate(self.layers):
-            if index > 0 and self.config.layer_type == "mlp":
-                x = jax.nn.gelu(x, approximate=False)
-            x = layer(x)
-        return x
+        return run_mlp(self.layers, x, gelu=self.config.layer_type == "mlp")

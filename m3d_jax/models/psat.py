@@ -19,14 +19,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from m3d_jax.config import Precision
 from m3d_jax.layers import Dense, LayerNorm, param, run_stack, stacked
-from m3d_jax.layers.params import canonical_dtype, normal
+from m3d_jax.layers.params import normal
 
 PLANES = ("Axial", "Coronal", "Sagittal")
 
 
 @dataclasses.dataclass(frozen=True)
-class PsatConfig:
+class PsatConfig(Precision):
     hidden_size: int = 768
     num_heads: int = 8
     num_layers: int = 6
@@ -38,10 +39,9 @@ class PsatConfig:
     dropout: float = 0.1  # residual branches and attention probabilities, in training
     layer_init: Literal["identical", "independent"] = "identical"  # reference: deep copies of one layer
     layer_norm_eps: float = 1e-5
-    dtype: str = "float32"
-    param_dtype: str = "float32"
 
     def __post_init__(self):
+        super().__post_init__()
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by {self.num_heads} heads")
         if self.layer_init not in ("identical", "independent"):
@@ -101,7 +101,7 @@ class Psat(nnx.Module):
 
     def __init__(self, config: PsatConfig, *, rngs: nnx.Rngs):
         self.config = config
-        dtypes = dict(dtype=canonical_dtype(config.dtype), param_dtype=canonical_dtype(config.param_dtype))
+        dtypes = config.dtypes()
         width = config.hidden_size
         self.ps_pos = param(rngs, normal(1.0), (width, len(PLANES), config.slice_bins), dtypes["param_dtype"],
                             ("embed", None, None))

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from m3d_jax.config import Precision
 from m3d_jax.layers import Dense, LayerNorm, Mlp, attend
 from m3d_jax.layers.params import Buffer, canonical_dtype, normal, param, zeros
 from m3d_jax.resize import resize_trilinear
@@ -25,7 +26,7 @@ from m3d_jax.models.vit3d import ViT3D, ViT3DConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class SegVolConfig:
+class SegVolConfig(Precision):
     encoder: ViT3DConfig = ViT3DConfig(cls_token=False)
     decoder_depth: int = 2
     decoder_heads: int = 8
@@ -35,8 +36,6 @@ class SegVolConfig:
     iou_head_depth: int = 3
     iou_head_hidden: int = 256
     mask_in_chans: int = 16  # only sizes the unused mask_downscaling weights
-    dtype: str = "float32"
-    param_dtype: str = "float32"
 
     @property
     def dim(self) -> int:
@@ -210,7 +209,7 @@ class SegVol(nnx.Module):
         if config.encoder.cls_token or not config.encoder.select_final_norm:
             raise ValueError("SegVol's image encoder has no cls token and uses the final-normed features")
         self.config = config
-        dtypes = dict(dtype=canonical_dtype(config.dtype), param_dtype=canonical_dtype(config.param_dtype))
+        dtypes = config.dtypes()
         self.image_encoder = ViT3D(config.encoder, rngs=rngs)
         self.prompt_encoder = PromptEncoder(config, dtypes=dtypes, rngs=rngs)
         self.mask_decoder = MaskDecoder(config, dtypes=dtypes, rngs=rngs)

@@ -21,11 +21,11 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
-from m3d_jax.config import dataclass_from_mapping
-from m3d_jax.layers import Dense, LayerNorm, Mlp, RematPolicy, run_stack, stacked
+from m3d_jax.config import ComputeOptions, dataclass_from_mapping
+from m3d_jax.layers import Dense, LayerNorm, Mlp, run_stack, stacked
 from m3d_jax.layers.attention import AttentionImpl, attend
 from m3d_jax.layers.mlp import activation
-from m3d_jax.layers.params import canonical_dtype, normal, param
+from m3d_jax.layers.params import normal, param
 from m3d_jax.sharding import RESIDUAL, constrain
 
 # transformers' SiglipVisionConfig defaults: a saved config.json leaves out the fields that equal them.
@@ -36,7 +36,7 @@ _HF_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "g
 
 
 @dataclasses.dataclass(frozen=True)
-class SiglipVisionConfig:
+class SiglipVisionConfig(ComputeOptions):
     """SigLIP vision hyper-parameters (defaults: google/siglip-large-patch16-256); `from_hf` / `to_hf` map a
     transformers config.
 
@@ -60,13 +60,9 @@ class SiglipVisionConfig:
     use_head: bool = True
     select_layer: int = -1
     select_post_norm: bool = False
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    remat: RematPolicy = "none"
-    scan_layers: bool = False
-    attention_impl: AttentionImpl = "auto"
 
     def __post_init__(self):
+        super().__post_init__()
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by {self.num_heads} heads")
         if self.image_size % self.patch_size:
@@ -219,7 +215,7 @@ class SiglipVision(nnx.Module):
 
     def __init__(self, config: SiglipVisionConfig, *, rngs: nnx.Rngs):
         self.config = config
-        dtypes = dict(dtype=canonical_dtype(config.dtype), param_dtype=canonical_dtype(config.param_dtype))
+        dtypes = config.dtypes()
         self.embeddings = SiglipEmbeddings(config, rngs=rngs, **dtypes)
         self.layers = stacked(lambda layer_rngs: SiglipEncoderLayer(config, rngs=layer_rngs, **dtypes),
                               config.num_layers, rngs)

@@ -14,15 +14,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from m3d_jax.config import dataclass_from_mapping
-from m3d_jax.layers import Dense, LayerNorm, Mlp, RematPolicy, run_stack, stacked
-from m3d_jax.layers.attention import AttentionImpl, attend
-from m3d_jax.layers.params import canonical_dtype, normal, param
+from m3d_jax.config import ComputeOptions, dataclass_from_mapping
+from m3d_jax.layers import Dense, LayerNorm, Mlp, run_stack, stacked
+from m3d_jax.layers.attention import attend
+from m3d_jax.layers.params import normal, param
 from m3d_jax.sharding import RESIDUAL, constrain
 
 
 @dataclasses.dataclass(frozen=True)
-class BertConfig:
+class BertConfig(ComputeOptions):
     """BERT hyper-parameters (defaults: bert-base-uncased); `from_hf` / `to_hf` map a transformers config."""
 
     vocab_size: int = 30522
@@ -36,13 +36,9 @@ class BertConfig:
     hidden_act: str = "gelu"
     pad_token_id: int = 0
     pooler: bool = True
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    remat: RematPolicy = "none"
-    scan_layers: bool = False
-    attention_impl: AttentionImpl = "auto"
 
     def __post_init__(self):
+        super().__post_init__()
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by {self.num_heads} heads")
 
@@ -136,7 +132,7 @@ class Bert(nnx.Module):
 
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
         self.config = config
-        dtypes = dict(dtype=canonical_dtype(config.dtype), param_dtype=canonical_dtype(config.param_dtype))
+        dtypes = config.dtypes()
         self.embeddings = BertEmbeddings(config, rngs=rngs, **dtypes)
         self.layers = stacked(lambda layer_rngs: BertLayer(config, rngs=layer_rngs, **dtypes), config.num_layers, rngs)
         self.pooler = (Dense(config.hidden_size, config.hidden_size, axes=("embed", "mlp2"), rngs=rngs, **dtypes)

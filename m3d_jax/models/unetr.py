@@ -30,16 +30,14 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
-from einops import rearrange
 from flax import nnx
 
 from m3d_jax.config import dataclass_from_mapping
-from m3d_jax.layers import param
-from m3d_jax.layers.params import DType, canonical_dtype, zeros
+from m3d_jax.layers.conv import Conv3d, ConvTranspose3d
+from m3d_jax.layers.params import canonical_dtype
 from m3d_jax.models.vit3d import ViT3D, ViT3DConfig
 
 # torch's default Conv init (kaiming_uniform with a=√5): U(±1/√fan_in).
-_torch_conv_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 # MONAI's UNETR: 16³ patches, four 2× up-steps back to the input size.
 UNETR_PATCH = (16, 16, 16)
@@ -128,43 +126,6 @@ class UnetrConfig:
 # --- layers ----------------------------------------------------------------------------------------
 
 
-class Conv3d(nnx.Module):
-    """torch Conv3d, stride 1, padding (k − 1) / 2 (MONAI's `get_padding` for odd k), on channels-last
-    volumes; kernel (k, k, k, I, O), bias only if `use_bias`."""
-
-    def __init__(self, in_features: int, out_features: int, *, kernel: int, use_bias: bool, dtype: DType,
-                 param_dtype: DType, rngs: nnx.Rngs):
-        if kernel % 2 == 0:
-            raise ValueError(f"Conv3d here pads symmetrically: the kernel size must be odd, got {kernel}")
-        self.padding, self.dtype = (kernel - 1) // 2, dtype
-        self.kernel = param(rngs, _torch_conv_init, (kernel,) * 3 + (in_features, out_features), param_dtype,
-                            (None, None, None, "embed", "conv_out"))
-        self.bias = param(rngs, zeros, (out_features,), param_dtype, ("conv_out",)) if use_bias else None
-
-    def __call__(self, x: jax.Array) -> jax.Array:  # [B, D, H, W, I] → [B, D, H, W, O]
-        out = jax.lax.conv_general_dilated(
-            x.astype(self.dtype), self.kernel[...].astype(self.dtype), (1, 1, 1), [(self.padding, self.padding)] * 3,
-            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
-        )
-        return out if self.bias is None else out + self.bias[...].astype(self.dtype)
-
-
-class ConvTranspose3d(nnx.Module):
-    """Bias-free torch ConvTranspose3d with stride = kernel = k (MONAI's up-steps: k = 2, no padding): each
-    input voxel writes its own k³ block, out[k·d + a, k·h + b, k·w + c] = x[d, h, w] · kernel[a, b, c].
-    Kernel (k, k, k, I, O)."""
-
-    def __init__(self, in_features: int, out_features: int, *, kernel: int, dtype: DType, param_dtype: DType,
-                 rngs: nnx.Rngs):
-        self.dtype = dtype
-        self.kernel = param(rngs, _torch_conv_init, (kernel,) * 3 + (in_features, out_features), param_dtype,
-                            (None, None, None, "embed", "conv_out"))
-
-    def __call__(self, x: jax.Array) -> jax.Array:  # [B, D, H, W, I] → [B, kD, kH, kW, O]
-        blocks = jnp.einsum("bdhwi,pqrio->bdhwpqro", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
-        return rearrange(blocks, "b d h w p q r o -> b (d p) (h q) (w r) o")
-
-
 def instance_norm(x: jax.Array, eps: float = INSTANCE_NORM_EPS) -> jax.Array:
     """torch InstanceNorm3d (affine=False, no running stats) on [B, D, H, W, C]: per sample and channel over
     D, H, W with the biased variance; statistics in float32."""
@@ -230,7 +191,7 @@ class UpStep(nnx.Module):
     """One of a PrUp block's extra up-steps: 2× transposed conv, then a conv block unless `block` is None."""
 
     def __init__(self, features: int, *, conv_block: bool, res_block: bool, rngs: nnx.Rngs, **dtypes):
-        self.up = ConvTranspose3d(features, features, kernel=2, rngs=rngs, **dtypes)
+        self.up = ConvTranspose3d(features, features, kernel=2, use_bias=False, rngs=rngs, **dtypes)
         self.block = _conv_block(res_block, features, features, rngs=rngs, **dtypes) if conv_block else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -243,7 +204,8 @@ class PrUpEncoder(nnx.Module):
 
     def __init__(self, in_features: int, out_features: int, num_steps: int, *, conv_block: bool, res_block: bool,
                  rngs: nnx.Rngs, **dtypes):
-        self.transp_conv_init = ConvTranspose3d(in_features, out_features, kernel=2, rngs=rngs, **dtypes)
+        self.transp_conv_init = ConvTranspose3d(in_features, out_features, kernel=2, use_bias=False, rngs=rngs,
+                                                **dtypes)
         self.blocks = nnx.List([
             UpStep(out_features, conv_block=conv_block, res_block=res_block, rngs=rngs, **dtypes)
             for _ in range(num_steps)
@@ -261,7 +223,7 @@ class UpDecoder(nnx.Module):
     block (2·out → out)."""
 
     def __init__(self, in_features: int, out_features: int, *, res_block: bool, rngs: nnx.Rngs, **dtypes):
-        self.transp_conv = ConvTranspose3d(in_features, out_features, kernel=2, rngs=rngs, **dtypes)
+        self.transp_conv = ConvTranspose3d(in_features, out_features, kernel=2, use_bias=False, rngs=rngs, **dtypes)
         self.conv_block = _conv_block(res_block, 2 * out_features, out_features, rngs=rngs, **dtypes)
 
     def __call__(self, x: jax.Array, skip: jax.Array) -> jax.Array:

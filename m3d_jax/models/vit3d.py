@@ -15,15 +15,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from m3d_jax.config import dataclass_from_mapping
-from m3d_jax.layers import FusedSelfAttention, LayerNorm, Mlp, PerceptronPatchEmbed3D, RematPolicy, run_stack, stacked
-from m3d_jax.layers.attention import AttentionImpl
-from m3d_jax.layers.params import canonical_dtype, param, zeros
+from m3d_jax.config import ComputeOptions, dataclass_from_mapping
+from m3d_jax.layers import FusedSelfAttention, LayerNorm, Mlp, PerceptronPatchEmbed3D, run_stack, stacked
+from m3d_jax.layers.params import param, zeros
 from m3d_jax.sharding import RESIDUAL, constrain
 
 
 @dataclasses.dataclass(frozen=True)
-class ViT3DConfig:
+class ViT3DConfig(ComputeOptions):
     """Hyper-parameters of the 3D ViT. Token counts and the position table follow from image/patch size.
 
     select_layer: which block's output is the feature (-1 = the last block).
@@ -46,16 +45,12 @@ class ViT3DConfig:
     select_layer: int = -1
     select_final_norm: bool = True
     select_feature: Literal["patch", "cls_patch"] = "patch"
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    remat: RematPolicy = "none"
-    scan_layers: bool = False
-    attention_impl: AttentionImpl = "auto"
     attention_query_chunk: int = -1  # -1 auto (query blocks of 128 on CPU for long sequences), 0 off, >0 size
     position_init: str = "normal"  # "normal" (MONAI/M3D) or "sincos" (MONAI's sin-cos table, learnable)
     position_init_std: float = 0.02  # the "normal" table's std (MONAI: 0.02)
 
     def __post_init__(self):
+        super().__post_init__()
         object.__setattr__(self, "image_size", tuple(self.image_size))
         object.__setattr__(self, "patch_size", tuple(self.patch_size))
         if len(self.image_size) != 3 or len(self.patch_size) != 3:
@@ -95,7 +90,7 @@ class EncoderBlock(nnx.Module):
     """Pre-norm transformer block: x + attn(norm1(x)); x + mlp(norm2(x))."""
 
     def __init__(self, config: ViT3DConfig, *, rngs: nnx.Rngs):
-        dtypes = dict(dtype=canonical_dtype(config.dtype), param_dtype=canonical_dtype(config.param_dtype))
+        dtypes = config.dtypes()
         self.norm1 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, axes=("embed",), rngs=rngs, **dtypes)
         self.attn = FusedSelfAttention(
             config.hidden_size, config.num_heads, qkv_bias=config.qkv_bias,
@@ -114,7 +109,7 @@ class ViT3D(nnx.Module):
 
     def __init__(self, config: ViT3DConfig, *, rngs: nnx.Rngs):
         self.config = config
-        dtypes = dict(dtype=canonical_dtype(config.dtype), param_dtype=canonical_dtype(config.param_dtype))
+        dtypes = config.dtypes()
         self.patch_embedding = PerceptronPatchEmbed3D(
             config.image_size, config.patch_size, config.in_channels, config.hidden_size,
             position_init=config.position_init, position_init_std=config.position_init_std, rngs=rngs, **dtypes

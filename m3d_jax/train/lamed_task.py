@@ -11,7 +11,8 @@ from ml_collections import ConfigDict
 
 from m3d_jax import convert
 from m3d_jax.data.phantoms import phantom_tokenizer
-from m3d_jax.data.pipeline import SampleSpec, build_source
+from m3d_jax.data.lamed_samples import LamedSampleSpec
+from m3d_jax.data.pipeline import build_source
 from m3d_jax.data.prompts import prompt_ids
 from m3d_jax.data.volume import load_volume, prepare
 from m3d_jax.generate import SamplingConfig, left_pad
@@ -97,10 +98,10 @@ def load_pretrained(model: Lamed, init: ConfigDict, mesh) -> None:
     load_vision_tower(model.vision_tower, model.config.vision, init, mesh)
 
 
-def sample_spec(config: ConfigDict, model_config: LamedConfig, *, train: bool) -> SampleSpec:
+def sample_spec(config: ConfigDict, model_config: LamedConfig, *, train: bool) -> LamedSampleSpec:
     """The data spec of a LaMed config (augmentation only when `train`)."""
     data = config.data
-    return SampleSpec(image_size=model_config.vision.image_size, proj_out_num=model_config.proj_out_num,
+    return LamedSampleSpec(image_size=model_config.vision.image_size, proj_out_num=model_config.proj_out_num,
                       image_token_id=model_config.image_token_id, max_length=int(data.max_length),
                       in_channels=model_config.vision.in_channels,
                       augment=augment_config(data.get("augment", True)) if train else None,
