@@ -293,3 +293,15 @@ def test_config_round_trips_and_names_unknown_keys(tmp_path):
     word_tokenizer(tmp_path, 256)
     tokenizer, ids = load_lamed_tokenizer(tmp_path)
     assert (ids.image, ids.seg, len(tokenizer)) == (256, 259, VOCAB)
+
+
+def test_under_jit_the_image_starts_are_passed_not_guessed(phi3_lamed, rng):
+    """One rule for LaMed and Med-2E3: abstract ids cannot be searched, so a jitted call without
+    image_starts is an error; with them it matches the eager call, which finds the starts itself."""
+    _, model, _ = phi3_lamed
+    images = jnp.asarray(rng.random((2, 1, 16, 64, 64), dtype=np.float32))
+    ids = jnp.asarray(np.array([_prompt(rng, 6), _prompt(rng, 6)]))
+    with pytest.raises(ValueError, match="under jit, pass image_starts"):
+        nnx.jit(lambda m, x, t: m(x, t).logits)(model, images, ids)
+    jitted = nnx.jit(lambda m, x, t, s: m(x, t, image_starts=s).logits)(model, images, ids, jnp.ones(2, jnp.int32))
+    np.testing.assert_allclose(np.asarray(jitted), np.asarray(model(images, ids).logits), atol=1e-5)

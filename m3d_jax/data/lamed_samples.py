@@ -11,8 +11,8 @@ import numpy as np
 from m3d_jax.data.augment import AugmentConfig, augment
 from m3d_jax.data.pipeline import RecordError, RecordTransform
 from m3d_jax.data.prompts import (
-    CAPTION_PROMPTS, REC_PROMPTS, REG_PROMPTS, SEGMENT_ANSWERS, SEGMENT_PROMPTS, box_from_mask, box_text, choose,
-    tokenize_sample,
+    CAPTION_PROMPTS, IMAGE_START, REC_PROMPTS, REG_PROMPTS, SEGMENT_ANSWERS, SEGMENT_PROMPTS, box_from_mask,
+    box_text, choose, tokenize_sample,
 )
 from m3d_jax.data.volume import load_volume, prepare_mask
 
@@ -36,7 +36,7 @@ class LamedSampleSpec:
 
 
 class LamedTransform(RecordTransform):
-    """→ dict(images [C,D,H,W], seg_masks [1,D,H,W], input_ids, attention_mask, labels [L])."""
+    """→ dict(images [C,D,H,W], seg_masks [1,D,H,W], input_ids, attention_mask, labels [L], image_starts [])."""
 
     def _sample(self, index: int, record: dict) -> dict[str, np.ndarray]:
         spec = self.spec
@@ -52,7 +52,8 @@ class LamedTransform(RecordTransform):
             raise RecordError(f"{record['image']}: {err}") from None
         seg = mask if mask is not None and record["task"] in ("seg", "refseg") else np.zeros((1, *image.shape[1:]))
         return {"images": image.astype(np.float32), "seg_masks": seg.astype(np.float32),
-                "input_ids": sample.input_ids, "attention_mask": sample.attention_mask, "labels": sample.labels}
+                "input_ids": sample.input_ids, "attention_mask": sample.attention_mask, "labels": sample.labels,
+                "image_starts": np.asarray(IMAGE_START, np.int32)}
 
 
 def record_texts(record: dict, mask: np.ndarray | None, rng: np.random.Generator) -> tuple[str, str]:

@@ -1,8 +1,8 @@
 """The Grain pipeline: source → seeded shuffle (a new order each epoch) → map (read, preprocess, augment,
-tokenize: the spec's transform, from the family's `*_samples` module) → one global stream of samples numbered 0, 1, 2, ... →
-this process's rows of each GLOBAL batch → fixed-shape local batches. A sample is a pure function of
-(seed, epoch, index), so the global batches are the same whatever the number of processes, and the
-iterator's state (grain `get_state`/`set_state`) resumes at the exact next batch."""
+tokenize: the spec's transform, from the family's `*_samples` module) → one global stream of samples
+numbered 0, 1, 2, ... → this process's rows of each GLOBAL batch → fixed-shape local batches. A sample is
+a pure function of (seed, epoch, index), so the global batches are the same whatever the number of
+processes, and the iterator's state (grain `get_state`/`set_state`) resumes at the exact next batch."""
 
 from __future__ import annotations
 

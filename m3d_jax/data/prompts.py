@@ -73,6 +73,9 @@ def tokenize_sample(tokenizer, question: str, answer: str, *, proj_out_num: int,
     )
 
 
+IMAGE_START = 1  # a LaMed prompt's image placeholders follow its one BOS (or pad) token
+
+
 def prompt_ids(tokenizer, question: str, *, proj_out_num: int, image_token_id: int) -> list[int]:
     """The prompt part of `tokenize_sample` (what a trained model is asked at inference)."""
     return [bos_id(tokenizer)] + [image_token_id] * proj_out_num + _ids(tokenizer, " " + question.strip())

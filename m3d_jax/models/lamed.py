@@ -9,7 +9,7 @@ row is spliced after its padding, so batched prompts of different lengths work.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -156,6 +156,18 @@ def image_token_starts(input_ids: np.ndarray, config: LamedConfig) -> np.ndarray
                               f"BOS + <im_patch> × {config.proj_out_num} + text")
 
 
+def visual_starts(input_ids: jax.Array, image_starts: jax.Array | None,
+                  find: Callable[[np.ndarray], np.ndarray]) -> jax.Array:
+    """Where each row's visual block starts: `image_starts` [B] when given; else found (and validated) by
+    `find` in concrete `input_ids`. Under jit the ids are abstract, so `image_starts` must be passed (the
+    data pipelines put it in every batch); a missing one is an error, never a guess."""
+    if image_starts is not None:
+        return image_starts
+    if isinstance(input_ids, jax.core.Tracer):
+        raise ValueError("under jit, pass image_starts (the data pipeline's `image_starts`)")
+    return jnp.asarray(find(np.asarray(input_ids)))
+
+
 def splice(embeds: jax.Array, features: jax.Array, starts: jax.Array) -> jax.Array:
     """embeds [B, T, H] with rows starts[b] … starts[b] + N − 1 replaced by features [B, N, H].
 
@@ -189,15 +201,9 @@ class Lamed(nnx.Module):
     def embed(self, input_ids: jax.Array, images: jax.Array, image_starts: jax.Array | None = None) -> jax.Array:
         """Token embeddings with the image tokens spliced in at each row's `<im_patch>` block.
 
-        `image_starts` [B] (from `image_token_starts`, which validates the ids) defaults to 1, the
-        reference layout; it is computed and checked here when `input_ids` are concrete."""
-        if image_starts is None:
-            if isinstance(input_ids, jax.core.Tracer):
-                image_starts = jnp.ones((input_ids.shape[0],), jnp.int32)
-            else:
-                image_starts = jnp.asarray(image_token_starts(np.asarray(input_ids), self.config))
-        embeds = self.language_model.embed_tokens(input_ids)
-        return splice(embeds, self.encode_images(images), image_starts)
+        `image_starts` [B] as `visual_starts` takes it (found with `image_token_starts` when not given)."""
+        starts = visual_starts(input_ids, image_starts, lambda ids: image_token_starts(ids, self.config))
+        return splice(self.language_model.embed_tokens(input_ids), self.encode_images(images), starts)
 
     def __call__(
         self,

@@ -31,7 +31,7 @@ from m3d_jax.layers import Dense
 from m3d_jax.models.clip import ClipConfig, M3DClip
 from m3d_jax.models.decoder import Decoder, DecoderConfig
 from m3d_jax.models.decoder_presets import phi3_mini_128k
-from m3d_jax.models.lamed import causal_lm_loss, placeholder_starts, splice
+from m3d_jax.models.lamed import causal_lm_loss, placeholder_starts, splice, visual_starts
 from m3d_jax.models.projector import ProjectorConfig, SpatialPoolingProjector, mlp_layers, run_mlp
 from m3d_jax.models.slice_encoder import SiglipVision, SiglipVisionConfig, encode_slices
 
@@ -226,12 +226,10 @@ class Med2E3(nnx.Module):
         return VisualTokens(jnp.concatenate([x3d, fused.astype(x3d.dtype)], axis=1), scores)
 
     def embed(self, input_ids: jax.Array, visual: jax.Array, image_starts: jax.Array | None = None) -> jax.Array:
-        """Token embeddings with the visual rows spliced over each row's placeholder block."""
-        if image_starts is None:
-            if isinstance(input_ids, jax.core.Tracer):
-                raise ValueError("under jit, pass image_starts (the data pipeline's `image_starts`)")
-            image_starts = jnp.asarray(image_placeholder_starts(np.asarray(input_ids), self.config))
-        return splice(self.llm.embed_tokens(input_ids), visual, image_starts)
+        """Token embeddings with the visual rows spliced over each row's placeholder block (`image_starts` as
+        m3d_jax.models.lamed.visual_starts takes it)."""
+        starts = visual_starts(input_ids, image_starts, lambda ids: image_placeholder_starts(ids, self.config))
+        return splice(self.llm.embed_tokens(input_ids), visual, starts)
 
     def __call__(self, images, input_ids, question_ids, question_mask, *, attention_mask=None, image_starts=None,
                  rngs: nnx.Rngs | None = None) -> Med2E3Output:

@@ -27,7 +27,7 @@ from m3d_jax.train.tasks import (
 )
 
 # The batch entries the model takes, with their ranks: [B, C, D, H, W] volumes, [B, L] token arrays.
-INPUTS = {"images": 5, "input_ids": 2, "attention_mask": 2, "labels": 2, "seg_masks": 5}
+INPUTS = {"images": 5, "input_ids": 2, "attention_mask": 2, "labels": 2, "seg_masks": 5, "image_starts": 1}
 
 
 def build_tokenizer(name: str):
@@ -72,11 +72,12 @@ def released_token_ids(preset: str) -> tuple[LamedTokenIds, int]:
 
 
 def batch_shapes(config: ConfigDict, model_config: LamedConfig) -> dict:
-    """Volumes and seg masks [B, C|1, D, H, W] float32; ids, mask and labels [B, max_length] int32."""
+    """Volumes and seg masks [B, C|1, D, H, W] float32; ids, mask and labels [B, max_length] int32; the
+    image blocks' starts [B] int32."""
     tokens = ((int(config.data.max_length),), np.int32)
     vision = model_config.vision
     return volume_batch(config, vision.in_channels, vision.image_size, input_ids=tokens, attention_mask=tokens,
-                        labels=tokens, seg_masks=((1, *vision.image_size), np.float32))
+                        labels=tokens, seg_masks=((1, *vision.image_size), np.float32), image_starts=((), np.int32))
 
 
 def load_pretrained(model: Lamed, init: ConfigDict, mesh) -> None:

@@ -32,7 +32,8 @@ def _batch(config, run, rng):
     labels = np.where(np.arange(length) >= length - length // 4, ids, -100).astype(np.int32)
     images = rng.random((size, model.vision.in_channels, *model.vision.image_size), dtype=np.float32)
     masks = np.zeros((size, 1, *model.vision.image_size), np.float32)
-    return dict(images=images, input_ids=ids, attention_mask=np.ones_like(ids), labels=labels, seg_masks=masks)
+    return dict(images=images, input_ids=ids, attention_mask=np.ones_like(ids), labels=labels, seg_masks=masks,
+                image_starts=np.ones(size, np.int32))
 
 
 def _time_jax(config, run, batch):
