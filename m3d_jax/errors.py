@@ -12,5 +12,9 @@ def first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+class VolumeError(InputError):
+    """A volume (file or DICOM series folder) is missing, unreadable or has the wrong shape or values."""
+
+
 class ConfigError(InputError):
     """A config value or key is wrong (unknown key, wrong type, a batch the mesh does not divide)."""

@@ -30,7 +30,7 @@ from m3d_jax.tokenizer import add_lamed_tokens, lamed_prompt_ids, load_tokenizer
 
 _CKPT = flags.DEFINE_string("ckpt", None, "Released M3D-LaMed folder (config.json + weights).", required=True)
 _OUT = flags.DEFINE_string("out", None, "Reference .npz to write.", required=True)
-_VOLUME = flags.DEFINE_string("volume", None, "Volume (.nii/.nii.gz/.npy); default: a seeded random one.")
+_VOLUME = flags.DEFINE_string("volume", None, "Volume (.nii/.nii.gz/.npy or a DICOM series folder); default: a seeded random one.")
 _QUESTION = flags.DEFINE_string("question", None, "Question text (needs the tokenizer files in --ckpt).")
 _TEXT_LEN = flags.DEFINE_integer("text_len", 8, "Without --question: this many random text token ids.")
 _SEG = flags.DEFINE_bool("seg", False, "Append a [SEG] token and record seg_logits.")

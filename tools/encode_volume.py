@@ -25,7 +25,7 @@ from m3d_jax.errors import InputError
 from m3d_jax.models.vit3d import ViT3D, ViT3DConfig
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/m3d_clip_vit3d.py", "Model config file.")
-_VOLUME = flags.DEFINE_string("volume", None, "NIfTI (.nii/.nii.gz) or .npy volume; default: nilearn's MNI152 T1.")
+_VOLUME = flags.DEFINE_string("volume", None, "NIfTI (.nii/.nii.gz), .npy or DICOM series folder; default: nilearn's MNI152 T1.")
 _CKPT = flags.DEFINE_string("ckpt", None, "PyTorch checkpoint (file or folder) in the config's checkpoint_layout.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed forward passes after compilation.")
 

