@@ -242,3 +242,29 @@ def test_sigterm_saves_at_the_next_step_and_a_rerun_resumes_there(phantom_root, 
     _train(tmp_path, phantom_root, f"--config.total_steps={saved + 2}", *QUICK)
     assert _finished_steps(tmp_path)[-1] == saved + 2
     assert sorted(_losses(tmp_path))[-2:] == [saved + 1, saved + 2]
+
+
+def test_late_read_errors_of_a_reported_checkpoint_are_dropped_and_others_kept(caplog):
+    """asyncio logs a failed TensorStore read that finished after Orbax gave up on a step when its task is
+    collected; once that step's failure is reported, those logs are dropped, any other stays."""
+    import asyncio
+    import gc
+
+    from m3d_jax.train import checkpoints
+
+    async def read(path):
+        raise ValueError(f'Error reading "{path}"')
+
+    async def reads():
+        asyncio.ensure_future(read("/run/checkpoints/3/state/d/0a1b"))
+        asyncio.ensure_future(read("/data/other.bin"))
+        await asyncio.sleep(0.01)
+
+    checkpoints._REPORTED_FAILURES.folders.add("/run/checkpoints/3/")
+    try:
+        with caplog.at_level("ERROR", logger="asyncio"):
+            asyncio.run(reads())
+            gc.collect()
+    finally:
+        checkpoints._REPORTED_FAILURES.folders.discard("/run/checkpoints/3/")
+    assert "/data/other.bin" in caplog.text and "/run/checkpoints/3/" not in caplog.text

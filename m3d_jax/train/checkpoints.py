@@ -10,6 +10,7 @@ resumes on any other.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import sys
@@ -68,8 +69,13 @@ class Checkpoints:
         if data_iterator is not None:
             items["data"] = grain.PyGrainCheckpointRestore(data_iterator)
         meta = self.manager.restore(step, args=ocp.args.Composite(**items))["meta"]
-        with _without_closed_loop_noise():
-            state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        try:
+            with _without_closed_loop_noise():
+                state = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state)))
+        except BaseException:
+            _REPORTED_FAILURES.folders.add(f"{self.directory.rstrip('/')}/{step}/")
+            raise
         return state["state"], meta
 
     def wait(self) -> None:
@@ -78,6 +84,26 @@ class Checkpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+class _ReportedFailures(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" reports of array reads from a checkpoint whose
+    restore already failed (the caller reports that failure in one line). TensorStore finishes such reads
+    after Orbax gives up on the step, and asyncio logs each one when its task is collected, often at exit."""
+
+    def __init__(self):
+        super().__init__()
+        self.folders: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.folders or "never retrieved" not in record.getMessage():
+            return True
+        text = f"{record.getMessage()} {record.exc_info[1] if record.exc_info else ''}"
+        return not any(folder in text for folder in self.folders)
+
+
+_REPORTED_FAILURES = _ReportedFailures()
+logging.getLogger("asyncio").addFilter(_REPORTED_FAILURES)
 
 
 # TensorStore's reader threads print this traceback for each array read that completes after a failed one
