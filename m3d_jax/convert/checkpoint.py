@@ -115,8 +115,13 @@ def read_parts(path: str | os.PathLike, kind: Kind, config: Any, model: nnx.Modu
         state, report = read_state(CheckpointReader(path / part.folder), part.keymap(config), nnx.state(module))
         nnx.update(module, state)
         converted += report.converted
-        ignored += [(f"{part.folder}/{key}" if part.folder else key, why) for key, why in report.ignored]
+        ignored += _in_folder(part, report.ignored)
     return ConversionReport(converted=converted, ignored=ignored)
+
+
+def _in_folder(part: Part, ignored: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Ignored (key, reason) pairs of a part, keys as `<part folder>/<key>` where the part has a folder."""
+    return [(f"{part.folder}/{key}" if part.folder else key, why) for key, why in ignored]
 
 
 def _check_part_folders(path: Path, kind: Kind, parts: Sequence[Part]) -> None:
@@ -198,8 +203,7 @@ def torch_to_jax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, 
     ignored, count = [], 0
     for part, local, entries in _part_entries(kind, config, shapes):
         reader = CheckpointReader(Path(src) / part.folder)
-        ignored += [(f"{part.folder}/{key}" if part.folder else key, why)
-                    for key, why in check_checkpoint(reader, part.keymap(config), entries)]
+        ignored += _in_folder(part, check_checkpoint(reader, part.keymap(config), entries))
         count += len(entries)
         for entry in entries:
             for which, path in enumerate(entry.jax_paths):
@@ -245,14 +249,14 @@ def jax_to_torch(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, 
     missing = sorted(set(flat) - set(params.keys()))
     if missing:
         raise CheckpointReadError(f"{src}: m3d-jax parameter folder lacks {len(missing)} parameters: {missing[:10]}")
-    per_part = {part.folder: (part, entries)
-                for part, _, entries in _part_entries(kind, config, {p: tuple(v.shape) for p, v in flat.items()})}
-    total = sum(len(entries) for _, entries in per_part.values())
+    entries_of = {part.folder: entries
+                  for part, _, entries in _part_entries(kind, config, {p: tuple(v.shape) for p, v in flat.items()})}
+    total = sum(map(len, entries_of.values()))
     bar = _progress(range(total), progress, "jax -> torch")
     counter = iter(bar) if progress else None
 
     def write_part(part: Part, folder: Path, config_json: dict | None, replace: bool) -> None:
-        entries = per_part[part.folder][1]
+        entries = entries_of[part.folder]
         by_key = {e.torch_key: e for e in entries}
         specs = [TensorSpec(e.torch_key, e.torch_shape, np.dtype(dtype) if dtype is not None
                             else params.info(_prefix(part) + e.jax_paths[0]).dtype) for e in entries]

@@ -85,7 +85,8 @@ class Kind:
         try:
             config = self.config_from_hf(hf)
         except KeyError as err:
-            raise CheckpointReadError(f"{path}: missing key {err.args[0]!r}, which a {self.name} config needs") from None
+            raise CheckpointReadError(f"{path}: missing key {err.args[0]!r}, which a {self.name} config "
+                                      "needs") from None
         except (TypeError, ValueError, AttributeError) as err:
             raise CheckpointReadError(f"{path}: not a valid {self.name} config ({err})") from None
         check_config_types(config, path, hf)

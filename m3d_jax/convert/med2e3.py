@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from absl import logging
@@ -31,8 +32,6 @@ from m3d_jax.convert.slice_encoder import siglip_vision_keymap
 from m3d_jax.convert.torch_io import CheckpointReader, CheckpointReadError
 from m3d_jax.models.med2e3 import Med2E3, Med2E3Config, Vision3DConnector
 
-PARTS = ("llm", "vision2d_model", "vision2d_connector", "vision3d_model", "vision3d_connector")
-
 
 def _connector_rules(num_layers: int, jax_prefix: str) -> list[Rule]:
     rules = []
@@ -42,18 +41,21 @@ def _connector_rules(num_layers: int, jax_prefix: str) -> list[Rule]:
     return rules
 
 
-def med2e3_keymaps(config: Med2E3Config, *, text_mlp: bool = True) -> dict[str, KeyMap]:
-    """One key map per released part folder (JAX paths relative to that sub-module)."""
-    connector3d = _connector_rules(config.connector_layers, "projector.")
-    if text_mlp:
-        connector3d += [Rule("text_mlp.weight", "text_mlp.kernel", LINEAR), Rule("text_mlp.bias", "text_mlp.bias")]
-    return {
-        "llm": decoder_keymap(config.decoder),
-        "vision2d_model": siglip_vision_keymap(config.vision2d),
-        "vision2d_connector": KeyMap("med2e3/vision2d_connector", tuple(_connector_rules(config.connector_layers, ""))),
-        "vision3d_model": clip_keymap(config.vision3d),
-        "vision3d_connector": KeyMap("med2e3/vision3d_connector", tuple(connector3d)),
-    }
+def _connector_keymap(config: Med2E3Config, part: str, jax_prefix: str = "") -> KeyMap:
+    return KeyMap(f"med2e3/{part}", tuple(_connector_rules(config.connector_layers, jax_prefix)))
+
+
+# One key map per released part folder (JAX paths relative to that sub-module).
+PART_KEYMAPS: dict[str, Callable[[Med2E3Config], KeyMap]] = {
+    "llm": lambda config: decoder_keymap(config.decoder),
+    "vision2d_model": lambda config: siglip_vision_keymap(config.vision2d),
+    "vision2d_connector": lambda config: _connector_keymap(config, "vision2d_connector"),
+    "vision3d_model": lambda config: clip_keymap(config.vision3d),
+    "vision3d_connector": lambda config: KeyMap("med2e3/vision3d_connector", (
+        *_connector_keymap(config, "vision3d_connector", "projector.").rules,
+        Rule("text_mlp.weight", "text_mlp.kernel", LINEAR), Rule("text_mlp.bias", "text_mlp.bias"))),
+}
+PARTS = tuple(PART_KEYMAPS)
 
 
 def with_vision3d_shapes(folder: str | os.PathLike, hf: dict, reader: CheckpointReader | None = None) -> dict:
@@ -87,7 +89,7 @@ _PART_CONFIGS = {"llm": "llm_config", "vision2d_model": "vision2d_model_config",
 
 def _part(name: str) -> Part:
     config_json = (lambda config: config.to_hf()[_PART_CONFIGS[name]]) if name in _PART_CONFIGS else (lambda _: None)
-    return Part(name, name, lambda config: med2e3_keymaps(config)[name], config_json)
+    return Part(name, name, PART_KEYMAPS[name], config_json)
 
 
 KIND = Kind(
@@ -105,7 +107,7 @@ def read_without_text_mlp(folder: str | os.PathLike) -> tuple[Med2E3, Conversion
     if kind is not KIND:
         raise CheckpointReadError(f"{folder}: a {kind.title} checkpoint, not a released Med-2E3 folder")
     model = nnx.eval_shape(lambda: Med2E3(config, rngs=nnx.Rngs(0)))
-    projector = KeyMap("med2e3/vision3d_connector", tuple(_connector_rules(config.connector_layers, "")))
+    projector = _connector_keymap(config, "vision3d_connector")
     parts = [part for part in KIND.parts if part.folder != "vision3d_connector"]
     parts.append(Part("vision3d_connector", "vision3d_connector.projector", lambda _: projector))
     report = read_parts(folder, KIND, config, model, parts)
