@@ -7,13 +7,13 @@ so scores are comparable between models evaluated here, not with the paper's BER
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 
 import numpy as np
 from flax import nnx
 
+from m3d_jax.convert.kind import read_config_json
 from m3d_jax.convert.text_encoder import load_bert
 from m3d_jax.models.text_encoder import BertConfig
 
@@ -32,8 +32,7 @@ def bert_embedder(folder: str, layer: int = -1, batch_size: int = 32
     package's weighting). `folder` holds a transformers BertModel and its tokenizer."""
     from transformers import AutoTokenizer
 
-    with open(os.path.join(folder, "config.json")) as handle:
-        config = BertConfig.from_hf(json.load(handle))
+    config = BertConfig.from_hf(read_config_json(os.path.join(folder, "config.json")))
     model, _ = load_bert(folder, config)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     depth = layer % (config.num_layers + 1)

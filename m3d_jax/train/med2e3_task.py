@@ -5,6 +5,7 @@ loss, chat-template samples, closed-VQA accuracy by greedy decoding, and export 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 from flax import nnx
@@ -84,11 +85,7 @@ def load_pretrained(model: Med2E3, init: ConfigDict, mesh) -> None:
     if init.get("language_model"):
         place_checkpoint(model.llm, init.language_model, "language model", mesh, expect="decoder")
     if init.get("vision2d"):
-        import json
-        import os
-
-        with open(os.path.join(init.vision2d, "config.json")) as handle:
-            hf = json.load(handle)
+        hf = convert.kind.read_config_json(os.path.join(init.vision2d, "config.json"))
         with on_host():
             sizes = SiglipVisionConfig.from_hf(hf)
             vision2d = dataclasses.replace(model.config.vision2d, **{f: getattr(sizes, f) for f in (
