@@ -20,7 +20,7 @@ import dataclasses
 
 from ml_collections import ConfigDict
 
-from m3d_jax.config import run_options
+from m3d_jax.config import data_section, run_options
 from m3d_jax.models.text_encoder import BertConfig
 from m3d_jax.models.vit3d import ViT3DConfig
 
@@ -46,10 +46,9 @@ def get_config(variant: str = "m3d") -> ConfigDict:
                                    weight_decay=0.1, b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0, accumulation_steps=1,
                                    nonfinite="skip", max_consecutive_nonfinite=10))
     config.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
-    config.data = ConfigDict(dict(
-        root="data/M3D-Data", batch_size=256, excerpt_tokens=512, skip_bad_records=True, augment=True, window=None,
-        threads=0, max_consecutive_skips=1000,
-        sources=[ConfigDict(dict(kind="cap", path="M3D_Cap/M3D_Cap.json", split="train", weight=1.0))]))
+    config.data = data_section(
+        root="data/M3D-Data", batch_size=256, excerpt_tokens=512, skip_bad_records=True, augment=True,
+        sources=[ConfigDict(dict(kind="cap", path="M3D_Cap/M3D_Cap.json", split="train", weight=1.0))])
     config.total_steps = 100 * 120_000 // 256
     config.update(run_options())
     config.eval = ConfigDict(dict(
@@ -75,11 +74,10 @@ def _phantoms(config: ConfigDict) -> None:
     config.optim.warmup_fraction = 0.1
     config.optim.weight_decay = 0.01
     config.mesh = ConfigDict(dict(data=2, fsdp=2, tensor=2, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
-    config.data = ConfigDict(dict(
-        root="data/phantoms", phantom_cases=2000, batch_size=32, excerpt_tokens=64, skip_bad_records=False,
-        max_consecutive_skips=1000,
+    config.data = data_section(
+        root="data/phantoms", phantom_cases=2000, batch_size=32, excerpt_tokens=64,
         augment=dict(rotate90_prob=0.0, flip_prob=0.0, scale_prob=0.5, scale=0.1, shift_prob=0.5, shift=0.1),
-        window=None, threads=0, sources=[ConfigDict(dict(kind="cap", path="cap.json", split="train", weight=1.0))]))
+        sources=[ConfigDict(dict(kind="cap", path="cap.json", split="train", weight=1.0))])
     config.total_steps = 300
     config.checkpoint = ConfigDict(dict(every=100, keep=2, async_save=True))
     config.log_every = 50

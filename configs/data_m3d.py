@@ -10,13 +10,12 @@ Training configs embed this as their `data` section; point `root` at your copy o
 
 from ml_collections import ConfigDict
 
+from m3d_jax.config import data_section
+
 
 def get_config(layout: str = "m3d") -> ConfigDict:
-    config = ConfigDict()
-    config.root = "data/phantoms" if layout == "phantoms" else "data/M3D-Data"
-    config.batch_size = 8
-    config.max_length = 512
-    config.skip_bad_records = False
+    config = data_section(root="data/phantoms" if layout == "phantoms" else "data/M3D-Data", batch_size=8,
+                          max_length=512)
     if layout == "phantoms":
         files = [("cap", "cap.json", "train", 1.0), ("vqa_closed", "vqa_train.csv", "", 2.0),
                  ("vqa_open", "vqa_train.csv", "", 1.0), ("seg", "seg.json", "training", 1.0),

@@ -21,7 +21,7 @@ import dataclasses
 
 from ml_collections import ConfigDict
 
-from m3d_jax.config import run_options
+from m3d_jax.config import data_section, run_options
 from m3d_jax.models.vit3d import ViT3DConfig
 
 LLMS = {"phi3": "phi3_mini_4k", "llama2": "llama2_7b"}
@@ -59,9 +59,8 @@ def get_config(variant: str = "stage2_phi3") -> ConfigDict:
                                    max_consecutive_nonfinite=10))
     config.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
 
-    config.data = ConfigDict(dict(root="data/M3D-Data", batch_size=128 if stage == "stage1" else 64,
-                                  max_length=512, skip_bad_records=True, max_consecutive_skips=1000, augment=True,
-                                  window=None, threads=0))
+    config.data = data_section(root="data/M3D-Data", batch_size=128 if stage == "stage1" else 64, max_length=512,
+                               skip_bad_records=True, augment=True)
     if stage == "stage1":
         config.data.sources = [ConfigDict(dict(kind="cap", path="M3D_Cap/M3D_Cap.json", split="train", weight=1.0))]
     else:

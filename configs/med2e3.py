@@ -25,7 +25,7 @@ import dataclasses
 
 from ml_collections import ConfigDict
 
-from m3d_jax.config import run_options
+from m3d_jax.config import data_section, run_options
 from m3d_jax.models.slice_encoder import SiglipVisionConfig
 from m3d_jax.models.text_encoder import BertConfig
 from m3d_jax.models.vit3d import ViT3DConfig
@@ -69,11 +69,10 @@ def get_config(variant: str = "stage2") -> ConfigDict:
     cap = ("cap", "M3D_Cap/M3D_Cap.json", "train", 1.0)
     sources = [cap] if stage1 else [cap, ("vqa_closed", "M3D_VQA/M3D_VQA_train.csv", "", 1.0),
                                     ("vqa_open", "M3D_VQA/M3D_VQA_train.csv", "", 1.0)]
-    config.data = ConfigDict(dict(
+    config.data = data_section(
         root="data/M3D-Data", batch_size=64 if stage1 else 128, max_length=768, question_length=512,
-        template="pretrain" if stage1 else "phi", skip_bad_records=True, max_consecutive_skips=1000, augment=True,
-        window=None, threads=0,
-        sources=[ConfigDict(dict(kind=k, path=p, split=s, weight=w)) for k, p, s, w in sources]))
+        template="pretrain" if stage1 else "phi", skip_bad_records=True, augment=True,
+        sources=[ConfigDict(dict(kind=k, path=p, split=s, weight=w)) for k, p, s, w in sources])
     config.total_steps = 3 * 120_000 // 64 if stage1 else 10_000
     config.update(run_options())
     config.eval = ConfigDict(dict(
@@ -105,13 +104,12 @@ def _phantoms(config: ConfigDict) -> None:
     config.optim.learning_rate = 2e-3
     config.optim.warmup_fraction = 0.05
     config.mesh = ConfigDict(dict(data=2, fsdp=2, tensor=2, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
-    config.data = ConfigDict(dict(
+    config.data = data_section(
         root="data/phantoms", phantom_cases=2000, batch_size=16, max_length=128, question_length=32, template="phi",
-        skip_bad_records=False, max_consecutive_skips=1000, window=None, threads=0,
         augment=dict(rotate90_prob=0.0, flip_prob=0.0, scale_prob=0.5, scale=0.1, shift_prob=0.5, shift=0.1),
         sources=[ConfigDict(dict(kind=k, path=p, split=s, weight=w)) for k, p, s, w in (
             ("vqa_closed", "vqa_train.csv", "", 3.0), ("vqa_open", "vqa_train.csv", "", 2.0),
-            ("cap", "cap.json", "train", 1.0))]))
+            ("cap", "cap.json", "train", 1.0))])
     config.total_steps = 300
     config.checkpoint = ConfigDict(dict(every=100, keep=2, async_save=True))
     config.log_every = 50

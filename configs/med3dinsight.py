@@ -21,7 +21,7 @@ import dataclasses
 
 from ml_collections import ConfigDict
 
-from m3d_jax.config import run_options
+from m3d_jax.config import data_section, run_options
 from m3d_jax.models.nnformer import NnFormerConfig
 from m3d_jax.models.psat import PsatConfig
 
@@ -48,9 +48,9 @@ def get_config(variant: str = "pretrain") -> ConfigDict:
                                    clip_norm=0.0, accumulation_steps=1, nonfinite="skip",
                                    max_consecutive_nonfinite=10))
     config.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
-    config.data = ConfigDict(dict(
-        root="data/insight", batch_size=10, skip_bad_records=True, max_consecutive_skips=1000, window=None, threads=0,
-        sources=[ConfigDict(dict(kind="slices", path="insight.json", split="train", weight=1.0))]))
+    config.data = data_section(
+        root="data/insight", batch_size=10, skip_bad_records=True,
+        sources=[ConfigDict(dict(kind="slices", path="insight.json", split="train", weight=1.0))])
     config.total_steps = 100 * REFERENCE_EPOCH_STEPS
     config.update(run_options())
     config.eval = ConfigDict(dict(

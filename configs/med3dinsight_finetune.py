@@ -23,7 +23,7 @@ from ml_collections import ConfigDict
 
 from configs import med3dinsight
 
-from m3d_jax.config import run_options
+from m3d_jax.config import data_section, run_options
 from m3d_jax.models.nnformer import NnFormerConfig
 
 VARIANTS = ("segment", "classify", "segment_phantoms", "classify_phantoms")
@@ -46,11 +46,10 @@ def get_config(variant: str = "segment") -> ConfigDict:
                                    accumulation_steps=1, nonfinite="skip", max_consecutive_nonfinite=10))
     config.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
     kind, path = ("label_map", "dataset.json") if segment else ("class_label", "dataset.json")
-    config.data = ConfigDict(dict(
-        root="data/Task02_Heart" if segment else "data/classification", batch_size=2, skip_bad_records=False,
-        max_consecutive_skips=1000,
+    config.data = data_section(
+        root="data/Task02_Heart" if segment else "data/classification", batch_size=2,
         augment=dict(rotate90_prob=0.0, flip_prob=0.1, scale_prob=0.5, scale=0.1, shift_prob=0.5, shift=0.1),
-        window=None, threads=0, sources=[ConfigDict(dict(kind=kind, path=path, split="training", weight=1.0))]))
+        sources=[ConfigDict(dict(kind=kind, path=path, split="training", weight=1.0))])
     config.total_steps = 20_000
     config.update(run_options(log_every=20))
     config.eval = ConfigDict(dict(every=2000, loss_batches=0, batch_size=2,

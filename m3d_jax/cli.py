@@ -14,6 +14,17 @@ from m3d_jax.errors import InputError
 _DEBUG = flags.DEFINE_bool("debug", False, "show tracebacks instead of one-line errors")
 
 
+def volume_size(values: list[str], flag: str) -> tuple[int, int, int]:
+    """A D,H,W list flag as three positive integers; anything else is an InputError naming the flag."""
+    try:
+        size = tuple(int(value) for value in values)
+    except ValueError:
+        size = ()
+    if len(size) != 3 or min(size) < 1:
+        raise InputError(f"--{flag}={','.join(values)}: expected three positive integers D,H,W")
+    return size
+
+
 def fail(message: str) -> None:
     """Prints `error: message` to stderr and exits 2."""
     print(f"error: {message}", file=sys.stderr)

@@ -59,6 +59,22 @@ def dataclass_from_mapping(cls: type[T], values: Mapping[str, Any]) -> T:
     return cls(**values)
 
 
+def data_section(**fields: Any):
+    """A training config's `data` section: the reading options every pipeline shares, then `fields` (root,
+    batch_size, sources, ...; a field given here wins)."""
+    from ml_collections import ConfigDict
+
+    shared = dict(
+        skip_bad_records=False,  # True: skip unreadable records, counted and logged
+        max_consecutive_skips=1000,  # ... and stop after this many in a row
+        window=None,  # CT (level, width) before min-max; None = M3D's plain min-max
+        threads=0,  # reader threads; 0 = one per core
+        shards="",  # a prepared shard set (tools/prepare_data.py; folder, gs:// or fsspec URL); "" = raw files
+        shards_cache="",  # local folder for shards on URLs other than gs:// (copied once, checksum-verified)
+    )
+    return ConfigDict(dict(shared, **fields))
+
+
 def run_options(*, log_every: int = 10, checkpoint_every: int = 1000, keep: int = 3) -> dict[str, Any]:
     """The run section every training config shares (checkpoints, logging, export, platform), for
     `config.update(...)`."""

@@ -16,5 +16,9 @@ class VolumeError(InputError):
     """A volume (file or DICOM series folder) is missing, unreadable or has the wrong shape or values."""
 
 
+class RecordError(InputError):
+    """A data record cannot be turned into a sample; the message names the file and the problem."""
+
+
 class ConfigError(InputError):
     """A config value or key is wrong (unknown key, wrong type, a batch the mesh does not divide)."""

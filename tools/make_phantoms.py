@@ -5,9 +5,8 @@
 
 from absl import flags
 
-from m3d_jax.cli import run
+from m3d_jax.cli import run, volume_size
 from m3d_jax.data.phantoms import write_phantoms
-from m3d_jax.errors import InputError
 
 _OUT = flags.DEFINE_string("out", "data/phantoms", "Output folder.")
 _NUM = flags.DEFINE_integer("num_cases", 24, "Number of volumes.", lower_bound=1)
@@ -15,20 +14,10 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed: the same seed writes the same fil
 _SHAPE = flags.DEFINE_list("shape", ["32", "64", "64"], "Volume size D,H,W.")
 
 
-def volume_shape(values: list[str]) -> tuple[int, int, int]:
-    """--shape as (D, H, W); anything but three positive integers is an InputError."""
-    try:
-        shape = tuple(int(value) for value in values)
-    except ValueError:
-        shape = ()
-    if len(shape) != 3 or min(shape) < 1:
-        raise InputError(f"--shape={','.join(values)}: expected three positive integers D,H,W")
-    return shape
-
-
 def main(argv):
     del argv
-    root = write_phantoms(_OUT.value, num_cases=_NUM.value, seed=_SEED.value, shape=volume_shape(_SHAPE.value))
+    shape = volume_size(_SHAPE.value, "shape")
+    root = write_phantoms(_OUT.value, num_cases=_NUM.value, seed=_SEED.value, shape=shape)
     print(f"wrote {_NUM.value} phantom cases to {root}")
 
 

@@ -71,7 +71,7 @@ class ClipTransform(RecordTransform):
 
     def _sample(self, index: int, record: dict) -> dict[str, np.ndarray]:
         spec = self.spec
-        _, image, _, rng = self._image(index, record)
+        image, _, rng = self._prepared(index, record)
         if spec.augment is not None:
             image, _ = augment(image, None, rng, spec.augment)
         text = record.get("answer", "").strip()

@@ -15,7 +15,7 @@ import numpy as np
 
 from m3d_jax.data.augment import AugmentConfig, augment
 from m3d_jax.data.pipeline import RecordError, RecordTransform
-from m3d_jax.data.volume import load_volume, min_max, prepare_mask, resize_trilinear, window
+from m3d_jax.data.volume import load_volume, min_max, resize_trilinear, window
 
 SLICE_GRID = 256  # positions per plane axis in the slice records (the reference's 128 bins × stride 2)
 
@@ -82,20 +82,15 @@ class FinetuneTransform(RecordTransform):
 
     def _sample(self, index: int, record: dict) -> dict[str, np.ndarray]:
         spec = self.spec
-        volume, image, geometry, rng = self._image(index, record)
+        image, labels, rng = self._prepared(index, record)
         if spec.task == "classify":
             if spec.augment is not None:
                 image, _ = augment(image, None, rng, spec.augment)
             return {"images": image.astype(np.float32), "labels": np.asarray(record["label"], np.int32)}
-        labels = load_volume(record["mask"]).array[:1]
-        if labels.shape[1:] != volume.shape[1:]:
-            raise RecordError(f"{record['mask']}: label map shape {labels.shape[1:]} does not match image "
-                              f"{record['image']} shape {volume.shape[1:]}")
         values = np.unique(labels)
         if values.min() < 0 or values.max() >= spec.num_classes or not np.all(values == np.round(values)):
             shown = ", ".join(f"{value:g}" for value in values[:10])
             raise RecordError(f"{record['mask']}: label values {shown} are not class ids in 0..{spec.num_classes - 1}")
-        labels = prepare_mask(labels, geometry)
         if spec.augment is not None:
             image, labels = augment(image, labels, rng, spec.augment)
         return {"images": image.astype(np.float32), "labels": np.rint(labels[0]).astype(np.int32)}

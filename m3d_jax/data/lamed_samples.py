@@ -1,6 +1,6 @@
 """M3D-Data records → M3D-LaMed samples (`LamedSampleSpec`, `LamedTransform`), and what every model that
 learns from those records shares: a record's question and answer (`record_texts`, also Med-2E3's and the
-bench's) and its mask (`load_record_mask`)."""
+bench's)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import dataclasses
 import numpy as np
 
 from m3d_jax.data.augment import AugmentConfig, augment
-from m3d_jax.data.pipeline import RecordError, RecordTransform
+from m3d_jax.data.pipeline import RecordTransform
 from m3d_jax.data.prompts import (
     CAPTION_PROMPTS, IMAGE_START, REC_PROMPTS, REG_PROMPTS, SEGMENT_ANSWERS, SEGMENT_PROMPTS, box_from_mask,
     box_text, choose, tokenize_sample,
 )
-from m3d_jax.data.volume import load_volume, prepare_mask
+from m3d_jax.errors import RecordError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +40,7 @@ class LamedTransform(RecordTransform):
 
     def _sample(self, index: int, record: dict) -> dict[str, np.ndarray]:
         spec = self.spec
-        volume, image, geometry, rng = self._image(index, record)
-        mask = prepare_mask(load_record_mask(record, volume.shape), geometry) if "mask" in record else None
+        image, mask, rng = self._prepared(index, record)
         if spec.augment is not None:
             image, mask = augment(image, mask, rng, spec.augment)
         question, answer = record_texts(record, mask, rng)
@@ -70,15 +69,3 @@ def record_texts(record: dict, mask: np.ndarray | None, rng: np.random.Generator
     if task == "rec":
         return choose(REC_PROMPTS, rng, target=target), f"It is at {box}."
     return choose(REG_PROMPTS, rng, box=box), f"It is the {target}."
-
-
-def load_record_mask(record: dict, image_shape: tuple[int, ...]) -> np.ndarray:
-    """The record's binary mask [1, D, H, W] at the raw volume's size (its class value, or > 0)."""
-    mask = load_volume(record["mask"]).array
-    if mask.shape[1:] == (1, 1, 1) and not mask.any():  # M3D-Seg stores an absent class as [1,1,1,1] zeros
-        return np.zeros((1, *image_shape[1:]), np.float32)
-    if mask.shape[1:] != image_shape[1:]:
-        raise RecordError(f"{record['mask']}: mask shape {mask.shape} does not match image {record['image']} "
-                          f"shape {image_shape}")
-    value = record.get("mask_value")
-    return ((mask == value) if value is not None else (mask > 0)).astype(np.float32)[:1]

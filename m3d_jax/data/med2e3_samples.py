@@ -99,7 +99,7 @@ class Med2E3Transform(RecordTransform):
 
     def _sample(self, index: int, record: dict) -> dict[str, np.ndarray]:
         spec, tokenizers = self.spec, self.tokenizer
-        _, image, _, rng = self._image(index, record)
+        image, _, rng = self._prepared(index, record)
         if spec.augment is not None:
             image, _ = augment(image, None, rng, spec.augment)
         if record["task"] not in ("caption", "vqa_closed", "vqa_open"):

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from absl import logging
 
 SIDES = ("left", "right")
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
@@ -113,6 +114,17 @@ def slice_embeddings(case: dict, projections: np.ndarray, rng: np.random.Generat
             rows["text_embedding"].append(np.asarray(facts) @ projections[1][: len(facts)]
                                           + rng.normal(0, 0.05, projections.shape[-1]))
     return {name: np.asarray(values, np.float32 if "embedding" in name else np.int64) for name, values in rows.items()}
+
+
+def ensure_phantoms(data) -> bool:
+    """Writes the phantom set to `data.root` when a data config asks for one (`phantom_cases`) and it is not
+    there yet; returns whether it wrote."""
+    cases = data.get("phantom_cases", 0)
+    if not cases or (Path(data.root) / "cap.json").exists():
+        return False
+    logging.info("writing %d phantom cases to %s", cases, data.root)
+    write_phantoms(data.root, num_cases=cases, seed=0)
+    return True
 
 
 def write_phantoms(root: str | Path, *, num_cases: int = 24, seed: int = 0, shape=(32, 64, 64)) -> Path:

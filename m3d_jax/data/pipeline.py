@@ -16,14 +16,11 @@ import grain.python as grain
 import numpy as np
 from absl import logging
 
-from m3d_jax.data import sources
+from m3d_jax.data import shards, sources
 from m3d_jax.data.augment import record_rng
-from m3d_jax.data.volume import VolumeError, load_volume, prepare
-from m3d_jax.errors import InputError
-
-
-class RecordError(InputError):
-    """A record cannot be turned into a sample; the message names the file and the problem."""
+from m3d_jax.data.prepared import prepare_record
+from m3d_jax.data.volume import VolumeError
+from m3d_jax.errors import InputError, RecordError
 
 
 class BadDataError(InputError):
@@ -130,14 +127,12 @@ class RecordTransform:
     def _sample(self, index: int, record: dict) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
-    def _image(self, index: int, record: dict) -> tuple[np.ndarray, np.ndarray, tuple, np.random.Generator]:
-        """(raw volume, prepared image [C, D, H, W], its geometry, the record's RNG)."""
+    def _prepared(self, index: int, record: dict) -> tuple[np.ndarray, np.ndarray | None, np.random.Generator]:
+        """(prepared image [C, D, H, W], its mask or label map on the same grid or None, the record's RNG)."""
         spec = self.spec
         epoch, position = divmod(index, self.epoch_length)
-        rng = record_rng(self.seed, epoch, position)
-        volume = load_volume(record["image"], channels=spec.in_channels).array
-        image, geometry = prepare(volume, spec.image_size, spec.window)
-        return volume, image, geometry, rng
+        image, mask = prepare_record(record, spec.image_size, spec.window, spec.in_channels)
+        return image, mask, record_rng(self.seed, epoch, position)
 
 
 def _is_sample(sample) -> bool:
@@ -300,14 +295,27 @@ def build_source(entry, root: str | None = None) -> object:
 def build_mixture(data_config, tokenizer, spec, *, seed: int, process_index: int = 0,
                   process_count: int = 1, sources_key: str = "sources", name: str = "train data"):
     """The weighted mixture of a config's `data.sources` (each with kind, path, split, weight), batched
-    (`batch_size` global). Skipped records (`skip_bad_records`) are counted per pipeline, under `name`,
-    and stop it after `data.max_consecutive_skips` (default 1000) in a row."""
+    (`batch_size` global), read from the raw files under `data.root`, or from the prepared shards at
+    `data.shards` when it is set (`shards.py`; the same records in the same order). Skipped records
+    (`skip_bad_records`) are counted per pipeline, under `name`, and stop it after
+    `data.max_consecutive_skips` (default 1000) in a row."""
     parts, weights = [], []
     log = BadRecordLog(name, max_consecutive=int(data_config.get("max_consecutive_skips", 1000)))
     for offset, entry in enumerate(data_config[sources_key]):
-        parts.append(source_samples(build_source(entry, data_config.get("root")), tokenizer, spec, seed=seed + offset,
+        parts.append(source_samples(_mixture_source(entry, data_config, spec), tokenizer, spec, seed=seed + offset,
                                     bad_records=log))
         weights.append(float(entry.get("weight", 1.0)))
     mixed = parts[0] if len(parts) == 1 else mix(parts, weights)
     return batched(mixed, spec, batch_size=int(data_config["batch_size"]), process_index=process_index,
                    process_count=process_count)
+
+
+def _mixture_source(entry, data_config, spec) -> object:
+    """A mixture's source: the raw records, or their prepared shards when `data.shards` names a shard set."""
+    if not data_config.get("shards"):
+        return build_source(entry, data_config.get("root"))
+    if entry["kind"] not in SOURCES:
+        raise ValueError(f"unknown data source kind {entry['kind']!r}; choose one of {sorted(SOURCES)}")
+    settings = shards.Settings(tuple(spec.image_size), spec.window, spec.in_channels)
+    return shards.open_source(data_config.shards, entry, SOURCES[entry["kind"]][1], settings,
+                              cache=data_config.get("shards_cache") or None)

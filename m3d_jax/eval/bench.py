@@ -20,7 +20,8 @@ import numpy as np
 from m3d_jax.data import med2e3_samples
 from m3d_jax.data import prompts as lamed_prompts
 from m3d_jax.data.clip_samples import text_ids
-from m3d_jax.data.lamed_samples import load_record_mask, record_texts
+from m3d_jax.data.lamed_samples import record_texts
+from m3d_jax.data.prepared import load_record_mask
 from m3d_jax.data.prompts import CAPTION_PROMPTS
 from m3d_jax.data.volume import load_volume, prepare, prepare_mask
 from m3d_jax.eval import metrics

@@ -24,7 +24,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from m3d_jax.convert.torch_io import CheckpointReadError
-from m3d_jax.data.phantoms import write_phantoms
+from m3d_jax.data.phantoms import ensure_phantoms
 from m3d_jax.data.pipeline import build_mixture, iterate, to_global_arrays
 from m3d_jax.errors import first_line
 from m3d_jax.sharding import MeshConfig, check_batch_sizes, create_sharded, make_mesh, replicate_strays, shard_model
@@ -246,15 +246,10 @@ def _one_line(error: Exception) -> str:
 
 
 def _ensure_phantoms(data: ConfigDict, primary: bool) -> None:
-    """Writes the phantom set to `data.root` when the config asks for one (`phantom_cases`) and it is not
-    there yet (process 0 writes; the others wait)."""
-    cases = data.get("phantom_cases", 0)
-    if not cases or os.path.exists(os.path.join(data.root, "cap.json")):
-        return
+    """`ensure_phantoms` on process 0; the others wait."""
     if primary:
-        logging.info("writing %d phantom cases to %s", cases, data.root)
-        write_phantoms(data.root, num_cases=cases, seed=0)
-    if jax.process_count() > 1:
+        ensure_phantoms(data)
+    if data.get("phantom_cases", 0) and jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("phantoms written")

@@ -1,0 +1,248 @@
+"""Prepared shards: a data mixture's records after M3D's deterministic preparation (`prepared.py`), stored
+as ArrayRecord files that Grain reads at random (`grain.ArrayRecordDataSource`), with a manifest.
+
+Layout of a shard set (local, `gs://` read natively by array_record, or any fsspec URL, copied to a local
+cache on first use):
+
+  manifest.json                              settings, counts per source, checksums, skipped records
+  <source folder>/shard-00000-of-00008.array_record
+  <source folder>/shard-00000-of-00008.json  written once the shard is complete (resume marker)
+
+A record is b"M3DR" + uint32 header length + a JSON header (the record's text fields and the layout of its
+arrays) + the array bytes. The image is stored as uint8 (x·255 rounded: error ≤ 1/510) or bfloat16
+(relative error ≤ 2⁻⁹); masks bit-packed, label maps as integers. Records keep their source's order, so
+record i of a shard source is record i of the raw source, and a pipeline reads the same samples from both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+import grain.python as grain
+import numpy as np
+
+from m3d_jax.errors import ConfigError, InputError
+
+MAGIC = b"M3DR"
+FORMAT = "m3d-jax prepared shards"
+VERSION = 1
+MANIFEST = "manifest.json"
+STORAGE = ("uint8", "bfloat16")
+WRITER_OPTIONS = "group_size:1,zstd:1"  # group size 1: Grain reads single records at random
+PATH_FIELDS = ("image", "mask", "slices")
+
+
+class ShardError(InputError):
+    """A shard set is missing, incomplete or was prepared with other settings; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The preparation a shard set holds: what every pipeline reading it must ask for."""
+
+    image_size: tuple[int, int, int]
+    window: tuple[float, float] | None = None
+    in_channels: int = 1
+    storage: str = "uint8"
+
+    def __post_init__(self):
+        if self.storage not in STORAGE:
+            raise ConfigError(f"shard storage must be one of {STORAGE}, got {self.storage!r}")
+
+    def to_json(self) -> dict:
+        return {"image_size": list(self.image_size), "window": list(self.window) if self.window else None,
+                "in_channels": self.in_channels, "storage": self.storage}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Settings:
+        window = data.get("window")
+        return cls(tuple(data["image_size"]), tuple(window) if window else None, int(data["in_channels"]),
+                   data["storage"])
+
+
+def source_key(entry, default_split: str) -> str:
+    """The identity of a config's source entry in a manifest: kind, path and split (its default when empty)."""
+    return f"{entry['kind']}:{entry['path']}:{entry.get('split', '') or default_split}"
+
+
+def source_folder(position: int, key: str) -> str:
+    """A folder name for a source: its position in the preparation, and its key made path-safe."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key).strip("_")
+    return f"{position:02d}-{safe}"[:120]
+
+
+# Record encoding.
+
+def _store_image(image: np.ndarray, storage: str) -> tuple[np.ndarray, str]:
+    if storage == "uint8":
+        return np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8), "unit_uint8"
+    import ml_dtypes
+
+    return image.astype(ml_dtypes.bfloat16), "bfloat16"
+
+
+def _store_mask(mask: np.ndarray, label_map: bool) -> tuple[np.ndarray, str]:
+    if not label_map:
+        return np.packbits(mask.astype(bool).ravel()), "bits"
+    labels = np.rint(mask)
+    dtype = np.uint8 if labels.min() >= 0 and labels.max() < 256 else np.int32
+    return labels.astype(dtype), "labels"
+
+
+def encode(record: dict, image: np.ndarray, mask: np.ndarray | None, *, storage: str, label_map: bool) -> bytes:
+    """One shard record: the record's fields (paths as strings, for messages) and its prepared arrays."""
+    fields = {key: (str(value) if key in PATH_FIELDS else value) for key, value in record.items()
+              if key != "prepared"}
+    arrays = {"image": _store_image(image, storage)}
+    if mask is not None:
+        arrays["mask"] = _store_mask(mask, label_map)
+    layout, blobs = [], []
+    for name, (array, packing) in arrays.items():
+        shape = image.shape if name == "image" or packing != "bits" else mask.shape
+        blob = np.ascontiguousarray(array).tobytes()
+        layout.append({"name": name, "dtype": array.dtype.name, "shape": list(shape), "packing": packing,
+                       "bytes": len(blob)})
+        blobs.append(blob)
+    header = json.dumps({"record": fields, "arrays": layout}).encode()
+    return b"".join([MAGIC, struct.pack("<I", len(header)), header, *blobs])
+
+
+def decode(data: bytes, where: str = "shard record") -> dict:
+    """A shard record → the record dict, with its float32 arrays under "prepared" (image, mask)."""
+    if data[:4] != MAGIC:
+        raise ShardError(f"{where}: not an m3d-jax prepared record")
+    (length,) = struct.unpack("<I", data[4:8])
+    header = json.loads(data[8:8 + length])
+    offset = 8 + length
+    prepared = {}
+    for item in header["arrays"]:
+        blob = data[offset:offset + item["bytes"]]
+        offset += item["bytes"]
+        shape = tuple(item["shape"])
+        if item["packing"] == "bits":
+            array = np.unpackbits(np.frombuffer(blob, np.uint8), count=int(np.prod(shape))).reshape(shape)
+        else:
+            dtype = "bfloat16" if item["dtype"] == "bfloat16" else item["dtype"]
+            if dtype == "bfloat16":
+                import ml_dtypes
+
+                dtype = ml_dtypes.bfloat16
+            array = np.frombuffer(blob, dtype).reshape(shape)
+        array = array.astype(np.float32)
+        if item["packing"] == "unit_uint8":
+            array *= np.float32(1.0 / 255.0)
+        prepared[item["name"]] = array
+    return {**header["record"], "prepared": prepared}
+
+
+# Reading.
+
+def _filesystem(url: str):
+    import fsspec
+
+    return fsspec.core.url_to_fs(url)
+
+
+def _is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+def read_manifest(root: str) -> dict:
+    """The manifest of the shard set at `root` (a folder or URL)."""
+    where = f"{root.rstrip('/')}/{MANIFEST}"
+    try:
+        fs, path = _filesystem(where)
+        with fs.open(path, "r") as handle:
+            manifest = json.load(handle)
+    except FileNotFoundError:
+        raise ShardError(f"{where}: no manifest; prepare the shards with tools/prepare_data.py (or finish an "
+                         "interrupted run by rerunning it)") from None
+    except (OSError, ValueError) as error:
+        raise ShardError(f"{where}: cannot read the manifest ({type(error).__name__}: {error})") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise ShardError(f"{where}: not an m3d-jax shard manifest of version {VERSION}")
+    return manifest
+
+
+class ShardSource:
+    """One source of a shard set, a random-access Grain source of decoded records (`decode`)."""
+
+    def __init__(self, root: str, entry: dict, key: str, files: Sequence[str]):
+        self.description = f"{root}:{key}"
+        self.records_read = entry["written"]
+        self._source = grain.ArrayRecordDataSource(list(files))
+        if len(self._source) != entry["written"]:
+            raise ShardError(f"{self.description}: the shards hold {len(self._source)} records, the manifest "
+                             f"says {entry['written']}")
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict:
+        return decode(self._source[index], f"{self.description} record {index}")
+
+    def __repr__(self) -> str:
+        return f"ShardSource({self.description})"
+
+
+def open_source(root: str, entry, default_split: str, settings: Settings, cache: str | None = None
+                ) -> ShardSource:
+    """The shard source of a config's source `entry` in the set at `root`, checked against the `settings`
+    the pipeline needs. Local folders and gs:// are read in place; other URLs (s3://, ...) are copied shard by
+    shard into `cache` (verified by checksum) on first use."""
+    manifest = read_manifest(root)
+    saved = Settings.from_json(manifest["settings"])
+    needed = dict(image_size=tuple(settings.image_size), window=tuple(settings.window) if settings.window else None,
+                  in_channels=settings.in_channels)
+    have = dict(image_size=saved.image_size, window=saved.window, in_channels=saved.in_channels)
+    if needed != have:
+        differ = ", ".join(f"{key} {have[key]} (pipeline: {needed[key]})" for key in needed if needed[key] != have[key])
+        raise ShardError(f"{root}: these shards were prepared with {differ}; prepare them again with the "
+                         "pipeline's settings or point data.shards elsewhere")
+    key = source_key(entry, default_split)
+    found = [source for source in manifest["sources"] if source["key"] == key]
+    if not found:
+        listed = [s["key"] for s in manifest["sources"]]
+        raise ShardError(f"{root}: the manifest has no source {key} (it has {listed}); prepare it with "
+                         "tools/prepare_data.py")
+    source = found[0]
+    files = [_local_copy(root, shard, cache) for shard in source["shards"]]
+    return ShardSource(root, source, key, files)
+
+
+def _local_copy(root: str, shard: dict, cache: str | None) -> str:
+    url = f"{root.rstrip('/')}/{shard['file']}"
+    if not _is_remote(root) or root.startswith("gs://"):
+        return url.removeprefix("file://")
+    if not cache:
+        raise ConfigError(f"{root}: shards on {root.split('://')[0]}:// are copied to a local cache before reading; "
+                          "set data.shards_cache to a local folder")
+    local = Path(cache) / hashlib.sha256(root.encode()).hexdigest()[:16] / shard["file"]
+    if local.exists() and _sha256(str(local)) == shard["sha256"]:
+        return str(local)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    fs, path = _filesystem(url)
+    partial = local.with_suffix(".partial")
+    with fs.open(path, "rb") as source, open(partial, "wb") as target:
+        shutil.copyfileobj(source, target, 16 << 20)
+    if _sha256(str(partial)) != shard["sha256"]:
+        partial.unlink()
+        raise ShardError(f"{url}: checksum differs from the manifest's (a damaged or replaced shard)")
+    os.replace(partial, local)
+    return str(local)
+
+
+def _sha256(path: str, fs=None) -> str:
+    digest = hashlib.sha256()
+    opener = fs.open if fs is not None else open
+    with opener(path, "rb") as handle:
+        while chunk := handle.read(16 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
