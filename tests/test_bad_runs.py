@@ -161,18 +161,18 @@ def test_resume_falls_back_past_unreadable_checkpoints_and_names_them(tmp_path):
         next(iterator)
         ckpt.save(step, {"w": jnp.full(3, float(step))}, iterator, {"config": config.to_json()}, force=True)
     ckpt.wait()
-    (tmp_path / "checkpoints/3/data/process_0-of-1.json").write_text("{not json")  # a corrupt iterator state
+    (tmp_path / "checkpoints/3/data/position.json").write_text("{not json")  # a corrupt data position
     for data_file in (tmp_path / "checkpoints/2/state").rglob("d/*"):  # truncated array data
         data_file.write_bytes(data_file.read_bytes()[:7])
     state = nnx.State({"w": nnx.Param(jnp.zeros(3))})
     fresh = iter(data)
-    assert _resume(ckpt, config, state, fresh, skipping=False, processes=1) == 1
+    assert _resume(ckpt, config, state, fresh) == 1
     assert float(state["w"][...][0]) == 1.0 and next(fresh)[0] == 4  # step 1's weights and data position
     for data_file in (tmp_path / "checkpoints/1/state").rglob("d/*"):
         data_file.write_bytes(b"")
     with pytest.raises(CheckpointReadError, match=r"checkpoints: no checkpoint can be restored \(.*/3: .*; .*/2: .*; "
                                                   r".*/1: "):
-        _resume(ckpt, config, state, iter(data), skipping=False, processes=1)
+        _resume(ckpt, config, state, iter(data))
     ckpt.close()
 
 
@@ -219,7 +219,7 @@ def test_a_signal_interrupts_the_wait_for_a_batch_and_keeps_the_position(signum)
         threading.Timer(0.5, os.kill, (os.getpid(), signum)).start()
         start = time.perf_counter()
         batch, position = preemption.next_batch(Stalled())
-        assert batch is None and json.loads(position.get_state()) == {"next_index": 7}
+        assert batch is None and position.get_state() == {"next_index": 7}
         assert time.perf_counter() - start < 10 and preemption(0)
         if signum == signal.SIGINT:  # a second Ctrl-C does not wait for a step boundary
             with pytest.raises(KeyboardInterrupt):
@@ -253,7 +253,7 @@ def test_resume_with_a_bigger_batch_after_a_corrupt_checkpoint_continues_at_the_
     result = _run(tmp_path, phantom_root, *QUICK, "--config.total_steps=4")
     assert result.returncode == 0, result.stderr[-3000:]
     assert _samples(tmp_path)[3] == list(range(16, 24))
-    (tmp_path / "checkpoints/4/data/process_0-of-1.json").write_text("{not json")
+    (tmp_path / "checkpoints/4/data/position.json").write_text("{not json")
     for data_file in (tmp_path / "checkpoints/3/state").rglob("d/*"):
         data_file.write_bytes(data_file.read_bytes()[:7])
     changed = _run(tmp_path, phantom_root, *QUICK, "--config.total_steps=4", "--config.model.decoder.hidden_size=48")

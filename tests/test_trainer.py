@@ -1,6 +1,6 @@
 """The training entry point end to end on the demo config (tiny LaMed on phantoms): the short demo, exact
-resume after SIGKILL (also mid-checkpoint-write), restore onto another mesh, non-finite handling, and two
-real processes matching one."""
+resume after SIGKILL (also mid-checkpoint-write), restore onto another mesh, non-finite handling, two real
+processes matching one, and one process resuming their run."""
 
 from __future__ import annotations
 
@@ -124,13 +124,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(phantom_root, tmp_path):
-    mesh = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=1", "--config.total_steps=3"]
+def test_two_processes_match_one_process_and_one_process_resumes_their_run(phantom_root, tmp_path):
+    """Two processes train steps 1–3 with the losses and samples of one process; then one process resumes their
+    checkpoint (the data position is saved for the whole run) and steps 4–5 match the uninterrupted run, with no
+    sample repeated or skipped. With skip_bad_records (no record is bad here) each process's position counts its
+    own rows, so the save gathers them."""
+    mesh = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=1",
+            "--config.data.skip_bad_records=True",
+            "--config.optim.end_learning_rate_fraction=1.0"]  # no decay: the same rates for total_steps 3 and 5
     single = tmp_path / "single"
-    _train(single, phantom_root, *QUICK, *mesh, devices=4)
+    _train(single, phantom_root, *QUICK, *mesh, "--config.total_steps=5", devices=4)
     port = _free_port()
     multi = tmp_path / "multi"
-    command = _command(multi, phantom_root, 2, *QUICK, *mesh)
+    command = _command(multi, phantom_root, 2, *QUICK, *mesh, "--config.total_steps=3")
     processes = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   env={**os.environ, "XLA_FLAGS": "", "M3D_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
                                        "M3D_NUM_PROCESSES": "2", "M3D_PROCESS_ID": str(index),
@@ -148,7 +154,99 @@ def test_two_processes_match_one_process_with_the_same_global_batch(phantom_root
     for step in (1, 2, 3):
         assert abs(one[step] - two[step]) <= 1e-6 * abs(one[step]), (step, one[step], two[step])
     rows = [_samples(multi, 0), _samples(multi, 1)]
-    assert {step: rows[0][step] + rows[1][step] for step in (1, 2, 3)} == _samples(single)
+    expected = _samples(single)
+    assert {step: rows[0][step] + rows[1][step] for step in (1, 2, 3)} == {step: expected[step] for step in (1, 2, 3)}
+    position = json.loads((multi / "checkpoints" / "3" / "data" / "position.json").read_text())
+    assert position == {"version": 2, "global_batch_size": 8, "processes": 2, "batches": 3, "rows": [12, 12]}
+
+    _train(multi, phantom_root, *QUICK, *mesh, "--config.total_steps=5", devices=4)
+    resumed, samples = _losses(multi), _samples(multi)
+    logged = [row["step"] for row in map(json.loads, open(multi / "metrics.jsonl")) if row["split"] == "train"]
+    assert logged == [1, 2, 3, 4, 5]  # resumed at step 3, not started afresh
+    for step in (4, 5):
+        assert abs(one[step] - resumed[step]) <= 1e-6 * abs(one[step]), (step, one[step], resumed[step])
+    consumed = [i for step in (1, 2, 3) for i in rows[0][step] + rows[1][step]] + samples[4] + samples[5]
+    assert consumed == [i for step in range(1, 6) for i in expected[step]] == list(range(40))
+
+
+def test_the_saved_data_position_resumes_on_any_process_count(caplog):
+    from m3d_jax.train.position import DataLayout, resume_state, saved_position
+    from m3d_jax.train.resume import BatchChange
+
+    def on(processes, process=0, batch_size=8, per_row=False):
+        return DataLayout(batch_size=batch_size, per_row=per_row, process=process, processes=processes)
+
+    fresh = {"next_index": 0}
+    # without skipping, every process's state counts global batches: batch 3 on 2 processes is batch 3 on 1
+    position = saved_position({"next_index": 3}, on(2, 1))
+    assert position == {"version": 2, "global_batch_size": 8, "processes": 2, "batches": 3}
+    assert resume_state(position, on(1), fresh, checkpoint="c") == {"next_index": 3}
+    # a batch size change composes: 3 batches of 8 = 24 samples = 2 batches of 12
+    assert resume_state(position, on(1, batch_size=12), fresh, change=BatchChange(8, 12), config={},
+                        checkpoint="c") == {"next_index": 2}
+    # skipping, states count a process's rows (4 per global batch on 2 processes); one process saves its own
+    assert saved_position({"next_index": 14}, on(1, per_row=True)) == {
+        "version": 2, "global_batch_size": 8, "processes": 1, "batches": 2, "rows": [14]}
+    # process 1 had read 2 rows into global batch 3 when process 0 had finished batch 2
+    skipping = {"version": 2, "global_batch_size": 8, "processes": 2, "batches": 4, "rows": [12, 14]}
+    assert [resume_state(skipping, on(2, process, per_row=True), fresh, checkpoint="c") for process in (0, 1)] == [
+        {"next_index": 12}, {"next_index": 14}]  # the same count: exact
+    with caplog.at_level("WARNING"):
+        # another count: at global batch 4, which no process had started; 4 + 2 rows of batch 3 are skipped
+        assert resume_state(skipping, on(1, per_row=True), fresh, checkpoint="c") == {"next_index": 32}
+        assert resume_state(skipping, on(4, 3, batch_size=16, per_row=True), fresh, change=BatchChange(8, 16),
+                            config={}, checkpoint="c") == {"next_index": 8}  # 32 samples = 2 batches of 16
+    assert caplog.text.count("c: saved by 2 processes that had read different numbers of rows") == 2
+    assert "6 samples of the global stream are skipped" in caplog.text
+    # a non-skipping run resumes a skipping one at its first unstarted batch too, and the reverse exactly
+    assert resume_state(skipping, on(2), fresh, checkpoint="c") == {"next_index": 4}
+    assert resume_state(position, on(4, per_row=True), fresh, checkpoint="c") == {"next_index": 6}
+
+
+def test_older_per_process_positions_resume_on_their_count_convert_or_are_refused(tmp_path):
+    import grain.python as grain
+    import jax.numpy as jnp
+
+    from m3d_jax.convert.torch_io import CheckpointReadError
+    from m3d_jax.errors import ConfigError
+    from m3d_jax.train.checkpoints import Checkpoints
+    from m3d_jax.train.position import DataLayout, resume_state
+
+    ckpt = Checkpoints(str(tmp_path / "checkpoints"), every=1, keep=0, async_save=False)
+    iterator = iter(grain.MapDataset.range(100).batch(4).to_iter_dataset())
+    next(iterator)
+    ckpt.save(1, {"w": jnp.zeros(3)}, iterator, {}, force=True)
+    data = tmp_path / "checkpoints" / "1" / "data"
+    assert json.loads((data / "position.json").read_text())["batches"] == 1
+    (data / "position.json").unlink()
+
+    def saved_by(*indices):  # the files of grain's handler, one state per process
+        for path in data.glob("process_*"):
+            path.unlink()
+        for process, index in enumerate(indices):
+            (data / f"process_{process}-of-{len(indices)}.json").write_text(json.dumps({"next_index": index}))
+        return ckpt.position(1)
+
+    def on(processes, process=0, per_row=False):
+        return DataLayout(batch_size=8, per_row=per_row, process=process, processes=processes)
+
+    fresh = {"next_index": 0}
+    assert resume_state(saved_by(3, 5), on(2, 1), fresh, checkpoint="c") == {"next_index": 5}  # its own, as before
+    assert resume_state(saved_by(3, 3), on(1), fresh, checkpoint="c") == {"next_index": 3}  # one global batch
+    with pytest.raises(ConfigError, match=r"^c: its data position was saved per process by 2 processes at different "
+                                          r"global batches \(\[3, 5\]\); resume this checkpoint with 2 processes"):
+        resume_state(saved_by(3, 5), on(1), fresh, checkpoint="c")
+    # skipping: rows 12 and 14 (4 per global batch) → global batch 4, the first none had started → 2 rows each on 4
+    assert resume_state(saved_by(12, 14), on(4, 2, per_row=True), fresh, checkpoint="c") == {"next_index": 8}
+    (data / "process_0-of-2.json").unlink()
+    with pytest.raises(CheckpointReadError, match=r"data: the per-process data positions are incomplete or mixed "
+                                                  r"\(process_1-of-2\.json\)"):
+        ckpt.position(1)
+    saved_by(3)
+    (data / "process_0-of-1.json").write_text("{not json")
+    with pytest.raises(CheckpointReadError, match=r"process_0-of-1\.json: cannot read this data position"):
+        ckpt.position(1)
+    ckpt.close()
 
 
 def _in_process_config(root, **changes):

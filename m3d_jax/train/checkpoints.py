@@ -1,5 +1,6 @@
-"""Orbax training checkpoints: model + optimiser state, the data iterator's position (one JSON per process,
-grain's handler) and a small JSON of metadata, saved together under `workdir/checkpoints/<step>`.
+"""Orbax training checkpoints: model + optimiser state, the data position (one JSON for the whole run,
+`<step>/data/position.json`, that any process count resumes from: see `position.py`) and a small JSON of
+metadata, saved together under `workdir/checkpoints/<step>`.
 
 Saves are asynchronous (training continues while the arrays are written) and atomic: a step's folder is
 written under a temporary name and renamed when complete, so a process killed mid-write leaves the
@@ -10,6 +11,7 @@ resumes on any other.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -18,19 +20,35 @@ import tempfile
 import time
 from typing import Any
 
-import grain.python as grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from m3d_jax.convert.torch_io import CheckpointReadError
+from m3d_jax.train.position import FILENAME, VERSION, DataLayout, resume_state, saved_position
+
+_PROCESS_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")  # a process's grain state, before version 2
 
 
 class Checkpoints:
-    def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
+    """The checkpoints in `directory`; `layout` says how this run's data iterators count (default: batches, one
+    stream per process), for saving their position globally and resuming it on any process count."""
+
+    def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True,
+                 layout: DataLayout | None = None):
         directory = directory if "://" in directory else os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(save_interval_steps=max(1, every), max_to_keep=keep or None,
                                                enable_async_checkpointing=async_save, create=True)
         self.directory = directory
+        self.layout = layout or DataLayout()
         self._last_saved: int | None = None
-        self.manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "data", "meta"))
+        registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+        registry.add("state", ocp.args.StandardSave)
+        registry.add("state", ocp.args.StandardRestore)
+        registry.add("data", ocp.args.JsonSave, ocp.handlers.JsonCheckpointHandler(filename=FILENAME))
+        registry.add("meta", ocp.args.JsonSave)
+        registry.add("meta", ocp.args.JsonRestore)
+        self.manager = ocp.CheckpointManager(directory, options=options, handler_registry=registry)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -49,26 +67,40 @@ class Checkpoints:
 
     def save(self, step: int, state: Any, data_iterator=None, meta: dict | None = None, *, force: bool = False) -> bool:
         """Starts saving `state` (a pytree of arrays) at `step` if the interval says so (or `force`);
-        returns whether a save started. The data iterator's state is captured before this returns.
-        A step saved already (e.g. by the interval, then forced at the end) is not saved again."""
+        returns whether a save started. The data position (`data_iterator.get_state()`, made global:
+        `saved_position`, which may gather across processes, so every process saves at the same step) is
+        captured before this returns. A step saved already (e.g. by the interval, then forced at the end) is
+        not saved again."""
         if step == self._last_saved or step in self.manager.all_steps():
             return False
         items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta or {}, step=step)))
         if data_iterator is not None:
-            items["data"] = grain.PyGrainCheckpointSave(data_iterator)
+            items["data"] = ocp.args.JsonSave(saved_position(data_iterator.get_state(), self.layout))
         started = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
         if started:
             self._last_saved = step
         return started
 
+    def position(self, step: int) -> dict | None:
+        """The data position saved at `step` (None: none saved): the version 2 JSON, or, from an older
+        checkpoint, {"processes": n, "states": [each process's grain iterator state]}. A corrupt, unknown or
+        incomplete one is a CheckpointReadError naming the file."""
+        folder = epath.Path(self.directory) / str(step) / "data"
+        if not (folder / FILENAME).exists():
+            return _process_states(folder)
+        position = _read_json(folder / FILENAME)
+        if not (isinstance(position, dict) and position.get("version") == VERSION
+                and isinstance(position.get("batches"), int) and isinstance(position.get("processes"), int)
+                and len(position.get("rows", [0] * position["processes"])) == position["processes"]):
+            raise CheckpointReadError(f"{folder / FILENAME}: not a version {VERSION} data position: {position}")
+        return position
+
     def restore(self, step: int, abstract_state: Any, data_iterator=None) -> tuple[Any, dict]:
         """The state at `step` laid out as `abstract_state` says (jax.ShapeDtypeStruct leaves with
-        shardings), the iterator moved to its saved position, and the metadata. The small items are read
-        first, so a corrupt one fails before any array read is in flight."""
-        items = dict(meta=ocp.args.JsonRestore())
-        if data_iterator is not None:
-            items["data"] = grain.PyGrainCheckpointRestore(data_iterator)
-        meta = self.manager.restore(step, args=ocp.args.Composite(**items))["meta"]
+        shardings), the iterator moved to its saved position (`resume_state` for this layout), and the
+        metadata. The small items are read first, so a corrupt one fails before any array read is in flight."""
+        meta = self.meta(step)
+        position = self.position(step) if data_iterator is not None else None
         try:
             with _without_closed_loop_noise():
                 state = self.manager.restore(step, args=ocp.args.Composite(
@@ -76,6 +108,9 @@ class Checkpoints:
         except BaseException:
             _REPORTED_FAILURES.folders.add(f"{self.directory.rstrip('/')}/{step}/")
             raise
+        if position is not None:
+            data_iterator.set_state(resume_state(position, self.layout, data_iterator.get_state(),
+                                                 checkpoint=f"{self.directory}/{step}"))
         return state["state"], meta
 
     def wait(self) -> None:
@@ -84,6 +119,29 @@ class Checkpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _process_states(folder: epath.Path) -> dict | None:
+    """{"processes": n, "states": [...]} from the per-process grain states of a checkpoint saved before
+    version 2 (None: the folder holds none)."""
+    files = {}  # process index → (process count, file)
+    for path in folder.iterdir() if folder.exists() else []:
+        if found := _PROCESS_FILE.fullmatch(path.name):
+            files[int(found[1])] = (int(found[2]), path)
+    counts = {count for count, _ in files.values()}
+    if not files:
+        return None
+    if len(counts) > 1 or sorted(files) != list(range(min(counts))):
+        raise CheckpointReadError(f"{folder}: the per-process data positions are incomplete or mixed "
+                                  f"({', '.join(sorted(path.name for _, path in files.values()))})")
+    return {"processes": counts.pop(), "states": [_read_json(files[index][1]) for index in sorted(files)]}
+
+
+def _read_json(path: epath.Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointReadError(f"{path}: cannot read this data position ({error})") from error
 
 
 class _ReportedFailures(logging.Filter):

@@ -1,9 +1,10 @@
 """The training loop, shared by every model family (`config.task`: lamed, clip; see `tasks.py`): a mesh
 from the config, the model created sharded (and filled from pretrained checkpoints), LoRA, the config's
 trainable filter, one jitted step with donated state, Orbax checkpoints (async every K steps, keep N,
-saved on preemption, restored onto any mesh) that include the data iterator's position, metrics with
-tokens/s and MFU, periodic eval (loss on the eval sources plus the task's own metrics), and at the end a
-final checkpoint plus a PyTorch export in the released layout.
+saved on preemption, restored onto any mesh) that include the data position (one for the whole run, so it
+resumes on any number of processes: see `position.py`), metrics with tokens/s and MFU, periodic eval (loss on
+the eval sources plus the task's own metrics), and at the end a final checkpoint plus a PyTorch export in the
+released layout.
 
 Run it with `python -m m3d_jax.train --config=configs/NAME.py --workdir=DIR`.
 """
@@ -11,7 +12,6 @@ Run it with `python -m m3d_jax.train --config=configs/NAME.py --workdir=DIR`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import time
@@ -34,7 +34,8 @@ from m3d_jax.train.lora import apply_lora
 from m3d_jax.train.metrics import MetricWriter
 from m3d_jax.train.optim import OptimConfig, make_optimizer, schedule
 from m3d_jax.train.plan import unsharded_hardware_flops
-from m3d_jax.train.resume import check_resume, rescale_position
+from m3d_jax.train.position import DataLayout, resume_state
+from m3d_jax.train.resume import check_resume
 from m3d_jax.train.step import lora_of, optimizer_of, task_step, unmatched_patterns
 from m3d_jax.train.tasks import Task, get_task
 
@@ -109,12 +110,14 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
     spec = run.task.sample_spec(config, model_config, train=True)
     dataset = build_mixture(config.data, run.tokenizer, spec, seed=config.seed, process_index=process,
                             process_count=processes)
+    layout = DataLayout(batch_size=int(config.data.batch_size), per_row=spec.skip_bad_records, process=process,
+                        processes=processes)
     ckpt = Checkpoints(os.path.join(workdir, "checkpoints"), every=config.checkpoint.every, keep=config.checkpoint.keep,
-                       async_save=config.checkpoint.get("async_save", True))
+                       async_save=config.checkpoint.get("async_save", True), layout=layout)
     preempted = _Preemption(ckpt, processes)  # before the readers start: a signal from here on stops the run cleanly
     try:
         iterator = iterate(dataset, threads=config.data.get("threads") or None)
-        start = _resume(ckpt, config, state, iterator, skipping=spec.skip_bad_records, processes=processes)
+        start = _resume(ckpt, config, state, iterator)
     except BaseException:
         preempted.restore()
         ckpt.close()
@@ -206,10 +209,10 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
         preempted.restore()
 
 
-def _resume(ckpt: Checkpoints, config: ConfigDict, state: nnx.State, iterator, *, skipping: bool,
-            processes: int) -> int:
+def _resume(ckpt: Checkpoints, config: ConfigDict, state: nnx.State, iterator) -> int:
     """Restores the newest checkpoint that reads (falling back past a corrupt one, with a warning) into
-    `state` and `iterator`, after checking the saved config against this one; returns its step (0: none)."""
+    `state` and `iterator`, after checking the saved config against this one; returns its step (0: none).
+    The saved data position is global, so the iterator resumes with any process count (`resume_state`)."""
     steps = ckpt.steps()
     failures = []
     for step in steps:
@@ -222,15 +225,16 @@ def _resume(ckpt: Checkpoints, config: ConfigDict, state: nnx.State, iterator, *
             continue
         batch_change = check_resume(saved, config, where) if saved else None
         try:
-            restored, _ = ckpt.restore(step, nnx.to_pure_dict(abstract_like(state)), iterator)
+            position = ckpt.position(step)
+            restored, _ = ckpt.restore(step, nnx.to_pure_dict(abstract_like(state)))
         except Exception as error:  # noqa: BLE001
             failures.append(f"{where}: {_one_line(error)}")
             logging.warning("checkpoint %s cannot be restored (%s); trying the previous one", where, _one_line(error))
             continue
         nnx.replace_by_pure_dict(state, restored)
-        if batch_change is not None:
-            iterator.set_state(rescale_position(iterator.get_state(), batch_change, per_row=skipping,
-                                                processes=processes, config=config, checkpoint=where))
+        if position is not None:
+            iterator.set_state(resume_state(position, ckpt.layout, iterator.get_state(), change=batch_change,
+                                            config=config, checkpoint=where))
         if failures:
             logging.warning("resumed from step %d, an older checkpoint: %s", step, "; ".join(failures))
         logging.info("resumed from step %d of %s", step, ckpt.directory)
@@ -350,14 +354,13 @@ class _Preemption:
 
 
 class _Position:
-    """A data iterator's saved position, checkpointed in place of the iterator (grain's handler saves
-    `get_state()` bytes)."""
+    """A data iterator's state taken earlier, checkpointed in place of the iterator."""
 
     def __init__(self, state: dict):
         self.state = state
 
-    def get_state(self) -> bytes:
-        return json.dumps(self.state, indent=1).encode()
+    def get_state(self) -> dict:
+        return self.state
 
 
 def evaluate(graphdef, state, run: Setup, config: ConfigDict) -> dict[str, float]:
