@@ -19,7 +19,7 @@ from m3d_jax.data.phantoms import write_phantoms
 from m3d_jax.data.pipeline import build_mixture, build_source, iterate
 from m3d_jax.data.prepared import prepare_record
 from m3d_jax.data.shard_writer import prepare_shards
-from m3d_jax.errors import RecordError
+from m3d_jax.errors import RecordError, VolumeError
 from m3d_jax.tokenizer import add_lamed_tokens
 
 SIZE = (8, 16, 16)
@@ -81,7 +81,7 @@ def test_records_read_back_equal_the_online_preparation_within_the_stated_error(
     assert 0 < worst <= bound * (1 + 1e-6)
 
 
-def test_manifest_counts_and_checksums(prepared):
+def test_manifest_counts_and_checksums(phantoms, prepared):
     out, manifest = prepared
     assert manifest["settings"] == {"image_size": list(SIZE), "window": None, "in_channels": 1, "storage": "uint8"}
     assert json.loads((out / "manifest.json").read_text()) == manifest
@@ -92,6 +92,11 @@ def test_manifest_counts_and_checksums(prepared):
             assert shards._sha256(str(out / shard["file"])) == shard["sha256"]
     assert [s["key"] for s in manifest["sources"]][:3] == ["cap:cap.json:train", "vqa_closed:vqa_train.csv:",
                                                            "seg:seg.json:training"]
+    # Each distinct volume is stored once, however many records (VQA rows, Seg classes, tasks) use it.
+    distinct = {str(r["image"]) for e in ENTRIES for r in build_source(e, str(phantoms)).records}
+    images = manifest["images"]
+    assert images["written"] == images["distinct"] == len(distinct) < sum(s["records"] for s in manifest["sources"])
+    assert sum(s["records"] for s in images["shards"]) == len(distinct)
 
 
 def test_a_pipeline_reads_the_same_samples_from_shards_as_from_raw_files(phantoms, prepared, tokenizer):
@@ -110,6 +115,10 @@ def test_a_pipeline_reads_the_same_samples_from_shards_as_from_raw_files(phantom
         # The same augmentation: the storage error, scaled at most by the intensity scale.
         assert np.abs(x["images"] - y["images"]).max() <= (1 + spec.augment.scale) / 510 + 1e-6
         np.testing.assert_array_equal(x["seg_masks"], y["seg_masks"])
+    resumed = iterate(build_mixture(from_shards, tokenizer, spec, seed=7), state=b.get_state())
+    expected, got = next(b), next(resumed)
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key])
 
     other = dataclasses.replace(spec, image_size=(8, 32, 32))
     with pytest.raises(shards.ShardError, match=r"image_size \(8, 16, 16\) \(pipeline: \(8, 32, 32\)\)"):
@@ -147,14 +156,22 @@ def test_a_bad_record_is_named_or_listed_in_the_manifest(phantoms, tmp_path):
     cases = sorted((root / "cases").iterdir())
     (cases[1] / "image.nii.gz").write_bytes(b"not a volume")
     entry = dict(kind="cap", path="cap.json", split="train")
-    with pytest.raises(RecordError, match=rf"record \d+ of cap:cap.json:train: .*{cases[1].name}/image.nii.gz"):
+    with pytest.raises(VolumeError, match=rf"{cases[1].name}/image.nii.gz"):
         prepare_shards([entry], str(root), str(tmp_path / "stop"), shards.Settings(SIZE))
     manifest = prepare_shards([entry], str(root), str(tmp_path / "skip"), shards.Settings(SIZE),
                               skip_bad_records=True)
     (source,) = manifest["sources"]
     assert source["written"] == source["records"] - 1
     (skipped,) = source["skipped"]
-    assert skipped["image"].endswith(f"{cases[1].name}/image.nii.gz") and "image.nii.gz" in skipped["error"]
+    assert skipped["image"].endswith(f"{cases[1].name}/image.nii.gz")
+    assert skipped["error"].startswith("its image was skipped: ") and "image.nii.gz" in skipped["error"]
+    assert [s["image"] for s in manifest["images"]["skipped"]] == [skipped["image"]]
+    # A mask that does not fit its image: the record is named (without skipping) or listed.
+    seg = dict(kind="seg", path="seg.json", split="training")
+    shutil.copy(phantoms / "cases" / cases[1].name / "image.nii.gz", cases[1] / "image.nii.gz")
+    (cases[2] / "lesion_mask.nii.gz").write_bytes((cases[3] / "image.nii.gz").read_bytes()[:50])
+    with pytest.raises(RecordError, match=rf"record \d+ of seg:seg.json:training: .*{cases[2].name}/lesion_mask"):
+        prepare_shards([seg], str(root), str(tmp_path / "seg_stop"), shards.Settings(SIZE))
     assert len(shards.open_source(str(tmp_path / "skip"), entry, "train", shards.Settings(SIZE))) == source["written"]
 
 
@@ -169,7 +186,8 @@ def test_shards_on_an_fsspec_url_are_read_through_a_checked_local_cache(phantoms
         shards.open_source(url, entry, "", settings)
     source = shards.open_source(url, entry, "", settings, cache=str(tmp_path / "cache"))
     local = sorted(tmp_path.glob("cache/*/*/*.array_record"))
-    assert len(local) == len(shards.read_manifest(url)["sources"][0]["shards"]) > 1
+    manifest = shards.read_manifest(url)
+    assert len(local) == len(manifest["sources"][0]["shards"]) + len(manifest["images"]["shards"]) > 2
     raw = build_source(entry, str(phantoms)).records
     assert [source[i]["question"] for i in range(len(source))] == [r["question"] for r in raw]
     # A damaged remote shard is refused by checksum, not read.

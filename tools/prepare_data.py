@@ -57,6 +57,9 @@ def main(argv):
     manifest = prepare_shards(entries, data.get("root"), _OUT.value, settings, records_per_shard=_PER_SHARD.value,
                               workers=_WORKERS.value, skip_bad_records=skip,
                               progress=_progress)
+    images = manifest["images"]
+    skipped = f", {len(images['skipped'])} skipped (listed in the manifest)" if images["skipped"] else ""
+    print(f"images: {images['written']} distinct volumes in {len(images['shards'])} shards{skipped}")
     for source in manifest["sources"]:
         skipped = f", {len(source['skipped'])} skipped (listed in the manifest)" if source["skipped"] else ""
         print(f"{source['key']}: {source['written']} of {source['records']} records in {len(source['shards'])} "

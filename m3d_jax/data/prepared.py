@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from m3d_jax.data.volume import load_volume, prepare, prepare_mask
+from m3d_jax.data.volume import Geometry, load_volume, prepare, prepare_mask
 from m3d_jax.errors import RecordError
 
 LABEL_MAP_TASKS = ("segment",)  # records whose "mask" is a label map (class ids), not one class's mask
@@ -35,17 +35,29 @@ def load_label_map(record: dict, image_shape: tuple[int, ...]) -> np.ndarray:
     return labels
 
 
+def prepare_image(path, image_size: Sequence[int], window: tuple[float, float] | None = None,
+                  in_channels: int | None = None) -> tuple[np.ndarray, Geometry, tuple[int, ...]]:
+    """(image [C, *image_size] float32 in [0, 1], where it came from in the volume, the raw volume's shape)."""
+    volume = load_volume(path, channels=in_channels).array
+    image, geometry = prepare(volume, image_size, window)
+    return image, geometry, volume.shape
+
+
+def prepare_record_mask(record: dict, geometry: Geometry, volume_shape: tuple[int, ...]) -> np.ndarray | None:
+    """The record's mask on the model grid of its image (one class's binary mask, or the label map for
+    fine-tuning records, `LABEL_MAP_TASKS`); None for a record without one."""
+    if "mask" not in record:
+        return None
+    load = load_label_map if record["task"] in LABEL_MAP_TASKS else load_record_mask
+    return prepare_mask(load(record, volume_shape), geometry)
+
+
 def prepare_record(record: dict, image_size: Sequence[int], window: tuple[float, float] | None = None,
                    in_channels: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """(image [C, *image_size] float32 in [0, 1], its mask on the same grid or None): the record's own
-    prepared arrays when it comes from shards, else read and prepared from its files. The mask is one
-    class's binary mask, or the label map for fine-tuning records (`LABEL_MAP_TASKS`)."""
+    prepared arrays when it comes from shards, else read and prepared from its files."""
     if "prepared" in record:
         prepared = record["prepared"]
         return prepared["image"], prepared.get("mask")
-    volume = load_volume(record["image"], channels=in_channels).array
-    image, geometry = prepare(volume, image_size, window)
-    if "mask" not in record:
-        return image, None
-    load = load_label_map if record["task"] in LABEL_MAP_TASKS else load_record_mask
-    return image, prepare_mask(load(record, volume.shape), geometry)
+    image, geometry, shape = prepare_image(record["image"], image_size, window, in_channels)
+    return image, prepare_record_mask(record, geometry, shape)

@@ -5,13 +5,15 @@ Layout of a shard set (local, `gs://` read natively by array_record, or any fssp
 cache on first use):
 
   manifest.json                              settings, counts per source, checksums, skipped records
-  <source folder>/shard-00000-of-00008.array_record
-  <source folder>/shard-00000-of-00008.json  written once the shard is complete (resume marker)
+  images/shard-00000-of-00040.array_record   each distinct volume once, prepared (M3D-VQA asks ~5 questions
+                                             per volume), with its foreground box and raw shape
+  <source folder>/shard-00000-of-00008.array_record   the source's records: fields, image index, mask
+  <...>.json                                 beside each shard, written once it is complete (resume marker)
 
-A record is b"M3DR" + uint32 header length + a JSON header (the record's text fields and the layout of its
-arrays) + the array bytes. The image is stored as uint8 (x·255 rounded: error ≤ 1/510) or bfloat16
-(relative error ≤ 2⁻⁹); masks bit-packed, label maps as integers. Records keep their source's order, so
-record i of a shard source is record i of the raw source, and a pipeline reads the same samples from both.
+A record is b"M3DR" + uint32 header length + a JSON header (its fields and the layout of its arrays) + the
+array bytes. Images are stored as uint8 (x·255 rounded: error ≤ 1/510) or bfloat16 (error ≤ 2⁻⁹ in
+[0, 1]); masks bit-packed, label maps as integers. Records keep their source's order, so record i of a
+shard source is record i of the raw source, and a pipeline reads the same samples from both.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grain.python as grain
+import ml_dtypes
 import numpy as np
 
 from m3d_jax.errors import ConfigError, InputError
@@ -83,8 +86,6 @@ def source_folder(position: int, key: str) -> str:
 def _store_image(image: np.ndarray, storage: str) -> tuple[np.ndarray, str]:
     if storage == "uint8":
         return np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8), "unit_uint8"
-    import ml_dtypes
-
     return image.astype(ml_dtypes.bfloat16), "bfloat16"
 
 
@@ -96,32 +97,41 @@ def _store_mask(mask: np.ndarray, label_map: bool) -> tuple[np.ndarray, str]:
     return labels.astype(dtype), "labels"
 
 
-def encode(record: dict, image: np.ndarray, mask: np.ndarray | None, *, storage: str, label_map: bool) -> bytes:
-    """One shard record: the record's fields (paths as strings, for messages) and its prepared arrays."""
-    fields = {key: (str(value) if key in PATH_FIELDS else value) for key, value in record.items()
-              if key != "prepared"}
-    arrays = {"image": _store_image(image, storage)}
-    if mask is not None:
-        arrays["mask"] = _store_mask(mask, label_map)
+def _encode(fields: dict, arrays: dict[str, tuple[np.ndarray, str, tuple[int, ...]]]) -> bytes:
     layout, blobs = [], []
-    for name, (array, packing) in arrays.items():
-        shape = image.shape if name == "image" or packing != "bits" else mask.shape
+    for name, (array, packing, shape) in arrays.items():
         blob = np.ascontiguousarray(array).tobytes()
         layout.append({"name": name, "dtype": array.dtype.name, "shape": list(shape), "packing": packing,
                        "bytes": len(blob)})
         blobs.append(blob)
-    header = json.dumps({"record": fields, "arrays": layout}).encode()
+    header = json.dumps({"fields": fields, "arrays": layout}).encode()
     return b"".join([MAGIC, struct.pack("<I", len(header)), header, *blobs])
 
 
-def decode(data: bytes, where: str = "shard record") -> dict:
-    """A shard record → the record dict, with its float32 arrays under "prepared" (image, mask)."""
+def encode_image(path, image: np.ndarray, geometry, volume_shape: tuple[int, ...], storage: str) -> bytes:
+    """An image record: the prepared image, its source path, and where it came from in the volume (so masks
+    can be prepared against it without reading the volume again)."""
+    fields = {"image": str(path), "box": [[b.start, b.stop] for b in geometry.box],
+              "volume_shape": list(volume_shape)}
+    return _encode(fields, {"image": (*_store_image(image, storage), image.shape)})
+
+
+def encode_record(record: dict, image_index: int, mask: np.ndarray | None, *, label_map: bool) -> bytes:
+    """A source record: its fields (paths as strings, for messages), the index of its image in the image
+    shards, and its prepared mask, if any."""
+    fields = {key: (str(value) if key in PATH_FIELDS else value) for key, value in record.items()}
+    arrays = {} if mask is None else {"mask": (*_store_mask(mask, label_map), mask.shape)}
+    return _encode(dict(fields, image_index=image_index), arrays)
+
+
+def decode(data: bytes, where: str = "shard record") -> tuple[dict, dict[str, np.ndarray]]:
+    """A shard record → (its fields, its arrays as float32)."""
     if data[:4] != MAGIC:
         raise ShardError(f"{where}: not an m3d-jax prepared record")
     (length,) = struct.unpack("<I", data[4:8])
     header = json.loads(data[8:8 + length])
     offset = 8 + length
-    prepared = {}
+    arrays = {}
     for item in header["arrays"]:
         blob = data[offset:offset + item["bytes"]]
         offset += item["bytes"]
@@ -129,17 +139,13 @@ def decode(data: bytes, where: str = "shard record") -> dict:
         if item["packing"] == "bits":
             array = np.unpackbits(np.frombuffer(blob, np.uint8), count=int(np.prod(shape))).reshape(shape)
         else:
-            dtype = "bfloat16" if item["dtype"] == "bfloat16" else item["dtype"]
-            if dtype == "bfloat16":
-                import ml_dtypes
-
-                dtype = ml_dtypes.bfloat16
+            dtype = ml_dtypes.bfloat16 if item["dtype"] == "bfloat16" else np.dtype(item["dtype"])
             array = np.frombuffer(blob, dtype).reshape(shape)
         array = array.astype(np.float32)
         if item["packing"] == "unit_uint8":
             array *= np.float32(1.0 / 255.0)
-        prepared[item["name"]] = array
-    return {**header["record"], "prepared": prepared}
+        arrays[item["name"]] = array
+    return header["fields"], arrays
 
 
 # Reading.
@@ -172,21 +178,25 @@ def read_manifest(root: str) -> dict:
 
 
 class ShardSource:
-    """One source of a shard set, a random-access Grain source of decoded records (`decode`)."""
+    """One source of a shard set, a random-access Grain source: record i with its image (from the set's
+    image shards) and mask under "prepared", as `prepared.prepare_record` takes them."""
 
-    def __init__(self, root: str, entry: dict, key: str, files: Sequence[str]):
+    def __init__(self, root: str, entry: dict, key: str, files: Sequence[str], image_files: Sequence[str]):
         self.description = f"{root}:{key}"
-        self.records_read = entry["written"]
-        self._source = grain.ArrayRecordDataSource(list(files))
-        if len(self._source) != entry["written"]:
-            raise ShardError(f"{self.description}: the shards hold {len(self._source)} records, the manifest "
+        self._records = grain.ArrayRecordDataSource(list(files))
+        self._images = grain.ArrayRecordDataSource(list(image_files))
+        if len(self._records) != entry["written"]:
+            raise ShardError(f"{self.description}: the shards hold {len(self._records)} records, the manifest "
                              f"says {entry['written']}")
 
     def __len__(self) -> int:
-        return len(self._source)
+        return len(self._records)
 
     def __getitem__(self, index: int) -> dict:
-        return decode(self._source[index], f"{self.description} record {index}")
+        fields, arrays = decode(self._records[index], f"{self.description} record {index}")
+        image_index = fields.pop("image_index")
+        _, image = decode(self._images[image_index], f"{self.description} image {image_index}")
+        return {**fields, "prepared": {**image, **arrays}}
 
     def __repr__(self) -> str:
         return f"ShardSource({self.description})"
@@ -214,7 +224,8 @@ def open_source(root: str, entry, default_split: str, settings: Settings, cache:
                          "tools/prepare_data.py")
     source = found[0]
     files = [_local_copy(root, shard, cache) for shard in source["shards"]]
-    return ShardSource(root, source, key, files)
+    image_files = [_local_copy(root, shard, cache) for shard in manifest["images"]["shards"]]
+    return ShardSource(root, source, key, files, image_files)
 
 
 def _local_copy(root: str, shard: dict, cache: str | None) -> str:
