@@ -35,6 +35,7 @@ import time
 from absl import app, flags
 
 from m3d_jax.cli import run
+from m3d_jax.storage import local_copy
 
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
                            "jax2torch: tensor dtype to write (default: the parameters' dtype).")
@@ -49,6 +50,7 @@ def main(argv):
     from m3d_jax.convert.torch_io import check_output
 
     direction, src, dst = argv[1:]
+    src = local_copy(src)  # a URL (gs://, s3://, ...) is read from its local copy
     check_output(dst, overwrite=_OVERWRITE.value, inputs=[src])  # before the (slow) detection and reads
     kind, _ = detect(src)
     shard_bytes = int(_SHARD_GB.value * 2**30)

@@ -28,9 +28,10 @@ from absl import flags
 
 from m3d_jax.cli import run
 from m3d_jax.errors import InputError
+from m3d_jax.storage import local_copy
 
 TASK_NAMES = ("retrieval", "report", "vqa_closed", "vqa_open", "rec", "reg", "seg", "refseg", "all")
-_CKPT = flags.DEFINE_string("ckpt", None, "M3D-LaMed, Med-2E3 or M3D-CLIP folder (released or m3d-jax).",
+_CKPT = flags.DEFINE_string("ckpt", None, "M3D-LaMed, Med-2E3 or M3D-CLIP folder (released or m3d-jax; local or URL).",
                             required=True)
 _TASK = flags.DEFINE_enum("task", "all", TASK_NAMES, "Bench task, or all the checkpoint supports.")
 _DATA = flags.DEFINE_string("data", "configs/bench.py", "Bench config (file.py[:layout]) or a data folder.")
@@ -103,7 +104,7 @@ def main(argv):
 
     start = time.perf_counter()
     root, sources = bench_data(_DATA.value, _ROOT.value)
-    kind, model, tokenizer = load_checkpoint(_CKPT.value, _TOKENIZER.value, _TEXT_TOKENIZER.value)
+    kind, model, tokenizer = load_checkpoint(local_copy(_CKPT.value), _TOKENIZER.value, _TEXT_TOKENIZER.value)
     model = shard_model(model, make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1)))
     if kind == "clip":
         supported = everything = ("retrieval",)

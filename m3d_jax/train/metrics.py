@@ -1,32 +1,34 @@
 """Training metrics: one writer that sends scalars to the console (progress bar), TensorBoard and a JSONL
-file (primary process only). FLOPs and utilisation are in `flops.py`."""
+file (primary process only), in the run folder (a local workdir, or a URL's staging folder uploaded at each
+write: `m3d_jax.storage.RunFolder`). FLOPs and utilisation are in `flops.py`."""
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Mapping
+
+from m3d_jax.storage import RunFolder
 
 _SHOWN = ("loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "mfu", "hfu", "accuracy")  # on the progress bar
 
 
 class MetricWriter:
-    """Writes scalars to `workdir/metrics.jsonl` and TensorBoard (`workdir/tensorboard`) and shows a
-    progress bar; on non-primary processes it does nothing."""
+    """Writes scalars to `workdir/metrics.jsonl` (appending to what a resumed run's holds) and TensorBoard
+    (`workdir/tensorboard`) and shows a progress bar; on non-primary processes it does nothing."""
 
-    def __init__(self, workdir: str, total_steps: int, initial_step: int = 0, enabled: bool = True,
+    def __init__(self, folder: RunFolder, total_steps: int, initial_step: int = 0, enabled: bool = True,
                  progress: bool = True):
         self.enabled = enabled
+        self._folder = folder
         self._bar = self._tb = self._file = None
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self._file = folder.open_log("metrics.jsonl")
         try:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(folder.local("tensorboard"))
         except ImportError:  # the dependency is declared; keep training if someone removed it
             self._tb = None
         if progress:
@@ -43,6 +45,7 @@ class MetricWriter:
         if self._tb is not None:
             for key, value in clean.items():
                 self._tb.add_scalar(f"{prefix}/{key}", value, step)
+        self._upload()
         if self._bar is not None:
             shown = {k: f"{v:.4g}" for k, v in clean.items() if k in _SHOWN}
             self._bar.set_postfix(shown, refresh=False)
@@ -59,7 +62,16 @@ class MetricWriter:
         else:
             print(text, flush=True)
 
+    def _upload(self) -> None:
+        if self._folder.remote:
+            if self._tb is not None:
+                self._tb.flush()
+                self._folder.upload("tensorboard")
+            self._folder.upload("metrics.jsonl")
+
     def close(self) -> None:
         for handle in (self._bar, self._tb, self._file):
             if handle is not None:
                 handle.close()
+        if self.enabled:
+            self._upload()

@@ -28,6 +28,7 @@ from m3d_jax.data.phantoms import ensure_phantoms
 from m3d_jax.data.pipeline import build_mixture, iterate, to_global_arrays
 from m3d_jax.errors import first_line
 from m3d_jax.sharding import MeshConfig, check_batch_sizes, create_sharded, make_mesh, replicate_strays, shard_model
+from m3d_jax.storage import RunFolder, local_copy
 from m3d_jax.train.checkpoints import Checkpoints, abstract_like
 from m3d_jax.train.flops import peak_flops, step_flops, utilisation
 from m3d_jax.train.lora import apply_lora
@@ -74,7 +75,7 @@ def setup(config: ConfigDict) -> Setup:
     tokenizer, model_config, make_model = task.build(config)
     lora = lora_of(config)
     model = create_sharded(make_model, mesh)
-    task.load_pretrained(model, config.get("init", ConfigDict()), mesh)
+    task.load_pretrained(model, local_init(config.get("init", ConfigDict())), mesh)
     if lora is not None:
         apply_lora(model, lora, rngs=nnx.Rngs(config.seed + 1))
         model = shard_model(model, mesh)
@@ -85,6 +86,12 @@ def setup(config: ConfigDict) -> Setup:
     optimizer = nnx.Optimizer(model, make_optimizer(optim), wrt=wrt)
     replicate_strays(optimizer, mesh)
     return Setup(task, mesh, tokenizer, model_config, model, optimizer, optim, wrt)
+
+
+def local_init(init: ConfigDict) -> ConfigDict:
+    """`config.init` with every URL (gs://, s3://, ...) replaced by its local copy (`storage.local_copy`),
+    since the checkpoint readers read local files."""
+    return ConfigDict({key: local_copy(value) if isinstance(value, str) else value for key, value in init.items()})
 
 
 def compiled_step(run: Setup) -> tuple[nnx.GraphDef, nnx.State, Any]:
@@ -123,14 +130,15 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
         ckpt.close()
         raise
 
-    writer = MetricWriter(workdir, config.total_steps, start, enabled=primary, progress=config.get("progress", True))
+    folder = RunFolder(workdir)  # metrics, samples logs, TensorBoard and the export; staged and uploaded for a URL
+    writer = MetricWriter(folder, config.total_steps, start, enabled=primary, progress=config.get("progress", True))
     writer.message(f"training {type(model_config).__name__}: {_count(state, run.wrt, graphdef)} on mesh "
                    f"{dict(mesh.shape)} ({jax.device_count()} devices, {processes} processes), steps {start}→"
                    f"{config.total_steps}")
     lr = schedule(run.optim_config)
     base_key = jax.random.key(config.seed + 2)
-    samples_log = (open(os.path.join(workdir, f"samples_p{process}.jsonl"), "a")  # this process's rows
-                   if config.get("log_samples") else None)
+    samples_name = f"samples_p{process}.jsonl"  # this process's rows
+    samples_log = folder.open_log(samples_name) if config.get("log_samples") else None
     peak = peak_flops(override=config.get("peak_flops_per_device", 0.0))
     flops = None
     window = _Window()
@@ -178,6 +186,8 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
                                mfu=utilisation(flops.model, seconds, jax.device_count(), peak),
                                hfu=utilisation(flops.hardware, seconds, jax.device_count(), peak))
                 writer.write(step, scalars)
+                if samples_log is not None:
+                    folder.upload(samples_name)
                 window.reset()
             if ckpt.due(step) and ckpt.save(step, nnx.to_pure_dict(state), iterator, meta):
                 if os.environ.get(KILL_AT_SAVE) == str(step):
@@ -197,15 +207,18 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
         writer.write(step, results, prefix="eval")
         writer.message("final eval: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
         if config.get("export_pytorch", True):
-            folder = os.path.join(workdir, "pytorch")
-            export_pytorch(run.task, nnx.merge(graphdef, state)[0], run.tokenizer, folder, primary)
-            writer.message(f"wrote the PyTorch export (released {run.task.name} layout) to {folder}")
+            export_pytorch(run.task, nnx.merge(graphdef, state)[0], run.tokenizer, folder.local("pytorch"), primary)
+            if primary:
+                folder.upload("pytorch")
+            writer.message(f"wrote the PyTorch export (released {run.task.name} layout) to {folder.url('pytorch')}")
         return results
     finally:
         ckpt.close()
         writer.close()
         if samples_log is not None:
             samples_log.close()
+            folder.upload(samples_name)
+        folder.close()
         preempted.restore()
 
 
