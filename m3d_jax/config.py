@@ -70,7 +70,7 @@ def data_section(**fields: Any):
         window=None,  # CT (level, width) before min-max; None = M3D's plain min-max
         threads=0,  # reader threads; 0 = one per core
         shards="",  # a prepared shard set (tools/prepare_data.py; folder, gs:// or fsspec URL); "" = raw files
-        shards_cache="",  # local folder for shards on URLs other than gs:// (copied once, checksum-verified)
+        shards_cache="",  # local folder for shards on URLs other than gs://; "" = $M3D_JAX_CACHE/shards
     )
     return ConfigDict(dict(shared, **fields))
 

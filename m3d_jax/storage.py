@@ -43,7 +43,8 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "m3d_jax")
 
 
-def _filesystem(url: str):
+def filesystem(url: str):
+    """(fsspec filesystem, path within it) of a URL or local path; a StorageError for an unknown protocol."""
     try:
         return fsspec.core.url_to_fs(url)
     except (ImportError, ValueError) as error:  # an unknown protocol, or its fsspec package missing (gcsfs, s3fs)
@@ -60,7 +61,7 @@ def local_copy(path: str | os.PathLike) -> str:
     path = str(path)
     if not is_remote(path):
         return path.removeprefix("file://")
-    fs, remote = _filesystem(path)
+    fs, remote = filesystem(path)
     remote = remote.rstrip("/")
     folder = cache_root() / "init" / _key(path.rstrip("/"))
     local = folder / PurePosixPath(remote).name  # the name kept: a `.pth` or `pretrained_ViT.bin` says its kind
@@ -108,7 +109,7 @@ class RunFolder:
         self.workdir = workdir
         self.remote = is_remote(workdir)
         if self.remote:
-            self._fs, self._root = _filesystem(workdir)
+            self._fs, self._root = filesystem(workdir)
             self._root = self._root.rstrip("/")
             runs = cache_root() / "runs"
             runs.mkdir(parents=True, exist_ok=True)

@@ -58,11 +58,19 @@ def _finished_steps(workdir) -> list[int]:
     return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
 
 
-def test_demo_short_run_trains_evaluates_and_exports(phantom_root, tmp_path):
-    """The README's main job, a few steps: loss falls, eval runs, Orbax checkpoint and PyTorch export exist."""
+def test_demo_short_run_from_prepared_shards_trains_evaluates_and_exports(phantom_root, tmp_path_factory):
+    """The README's main job, a few steps, reading prepared shards (`data.shards`; the other tests here read
+    the raw files): loss falls, eval runs, Orbax checkpoint and PyTorch export exist."""
+    from m3d_jax.data.shard_writer import prepare_shards
+    from m3d_jax.data.shards import Settings
+
+    shards = tmp_path_factory.mktemp("shards")
+    sources = [dict(kind="vqa_closed", path=name, split="") for name in ("vqa_train.csv", "vqa_validation.csv")]
+    prepare_shards(sources, str(phantom_root), str(shards), Settings((32, 64, 64)))
+    tmp_path = tmp_path_factory.mktemp("run")
     result = _train(tmp_path, phantom_root, "--config.total_steps=12", "--config.log_every=4",
                     "--config.eval.vqa_samples=6", "--config.eval.loss_batches=1", "--config.progress=False",
-                    "--config.peak_flops_per_device=1e9")
+                    "--config.peak_flops_per_device=1e9", f"--config.data.shards={shards}")
     losses = _losses(tmp_path)
     assert losses[12] < losses[4], losses
     # MFU from model FLOPs, HFU from hardware FLOPs, both against the given peak on 8 devices

@@ -22,6 +22,7 @@ from m3d_jax.data.pipeline import SOURCES, build_source
 from m3d_jax.data.prepared import LABEL_MAP_TASKS, prepare_image, prepare_record_mask
 from m3d_jax.data.volume import Geometry
 from m3d_jax.errors import ConfigError, RecordError, VolumeError
+from m3d_jax.storage import filesystem, is_remote
 
 IMAGES = "images"  # the image shards' folder
 UNSHARDABLE = {"slices": "Med3DInsight's slice records read the whole volume per slice row"}
@@ -62,7 +63,7 @@ def _join(root: str, name: str) -> str:
 
 def _done(out: str, job: Job) -> dict | None:
     """The sidecar of a finished shard (its shard file present at the recorded size), else None."""
-    fs, path = shards._filesystem(_join(out, job.file))
+    fs, path = filesystem(_join(out, job.file))
     sidecar = path.removesuffix(".array_record") + ".json"
     try:
         with fs.open(sidecar, "r") as handle:
@@ -80,8 +81,8 @@ class _ShardFile:
         from array_record.python import array_record_module
 
         self.job = job
-        self.fs, self.path = shards._filesystem(_join(out, job.file))
-        self.remote = shards._is_remote(out)
+        self.fs, self.path = filesystem(_join(out, job.file))
+        self.remote = is_remote(out)
         self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
         folder = tempfile.mkdtemp(prefix="m3d-shard-") if self.remote else self.path.rsplit("/", 1)[0]
         self.partial = os.path.join(folder, os.path.basename(self.path) + ".partial")
@@ -94,7 +95,7 @@ class _ShardFile:
 
     def finish(self, **extra) -> dict:
         self.writer.close()
-        checksum, size = shards._sha256(self.partial), os.path.getsize(self.partial)
+        checksum, size = shards.sha256(self.partial), os.path.getsize(self.partial)
         if self.remote:
             self.fs.put_file(self.partial, self.path)
             os.remove(self.partial)
@@ -222,7 +223,7 @@ def prepare_shards(entries: list, root: str, out: str, settings: shards.Settings
 
     results = _run(record_jobs, record_call, out, workers, progress, counts)
     manifest = _manifest(sources, described, record_jobs, results, image_jobs, image_results, settings)
-    fs, path = shards._filesystem(_join(out, shards.MANIFEST))
+    fs, path = filesystem(_join(out, shards.MANIFEST))
     with fs.open(path, "w") as handle:
         json.dump(manifest, handle, indent=1)
     return manifest

@@ -32,6 +32,7 @@ import ml_dtypes
 import numpy as np
 
 from m3d_jax.errors import ConfigError, InputError
+from m3d_jax.storage import cache_root, filesystem, is_remote
 
 MAGIC = b"M3DR"
 FORMAT = "m3d-jax prepared shards"
@@ -150,21 +151,11 @@ def decode(data: bytes, where: str = "shard record") -> tuple[dict, dict[str, np
 
 # Reading.
 
-def _filesystem(url: str):
-    import fsspec
-
-    return fsspec.core.url_to_fs(url)
-
-
-def _is_remote(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")
-
-
 def read_manifest(root: str) -> dict:
     """The manifest of the shard set at `root` (a folder or URL)."""
     where = f"{root.rstrip('/')}/{MANIFEST}"
     try:
-        fs, path = _filesystem(where)
+        fs, path = filesystem(where)
         with fs.open(path, "r") as handle:
             manifest = json.load(handle)
     except FileNotFoundError:
@@ -206,7 +197,7 @@ def open_source(root: str, entry, default_split: str, settings: Settings, cache:
                 ) -> ShardSource:
     """The shard source of a config's source `entry` in the set at `root`, checked against the `settings`
     the pipeline needs. Local folders and gs:// are read in place; other URLs (s3://, ...) are copied shard by
-    shard into `cache` (verified by checksum) on first use."""
+    shard into `cache` (default `$M3D_JAX_CACHE/shards`), verified by checksum, on first use."""
     manifest = read_manifest(root)
     saved = Settings.from_json(manifest["settings"])
     needed = dict(image_size=tuple(settings.image_size), window=tuple(settings.window) if settings.window else None,
@@ -230,27 +221,25 @@ def open_source(root: str, entry, default_split: str, settings: Settings, cache:
 
 def _local_copy(root: str, shard: dict, cache: str | None) -> str:
     url = f"{root.rstrip('/')}/{shard['file']}"
-    if not _is_remote(root) or root.startswith("gs://"):
+    if not is_remote(root) or root.startswith("gs://"):
         return url.removeprefix("file://")
-    if not cache:
-        raise ConfigError(f"{root}: shards on {root.split('://')[0]}:// are copied to a local cache before reading; "
-                          "set data.shards_cache to a local folder")
-    local = Path(cache) / hashlib.sha256(root.encode()).hexdigest()[:16] / shard["file"]
-    if local.exists() and _sha256(str(local)) == shard["sha256"]:
+    local = Path(cache or cache_root() / "shards") / hashlib.sha256(root.encode()).hexdigest()[:16] / shard["file"]
+    if local.exists() and sha256(str(local)) == shard["sha256"]:
         return str(local)
     local.parent.mkdir(parents=True, exist_ok=True)
-    fs, path = _filesystem(url)
+    fs, path = filesystem(url)
     partial = local.with_suffix(".partial")
     with fs.open(path, "rb") as source, open(partial, "wb") as target:
         shutil.copyfileobj(source, target, 16 << 20)
-    if _sha256(str(partial)) != shard["sha256"]:
+    if sha256(str(partial)) != shard["sha256"]:
         partial.unlink()
         raise ShardError(f"{url}: checksum differs from the manifest's (a damaged or replaced shard)")
     os.replace(partial, local)
     return str(local)
 
 
-def _sha256(path: str, fs=None) -> str:
+def sha256(path: str, fs=None) -> str:
+    """The SHA-256 hex digest of a file."""
     digest = hashlib.sha256()
     opener = fs.open if fs is not None else open
     with opener(path, "rb") as handle:
