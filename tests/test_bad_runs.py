@@ -191,11 +191,11 @@ def test_all_bad_data_stops_with_one_line_instead_of_spinning(bad_root, tmp_path
 # The trainer with every volume read stalled (a hung network mount), for interrupting a run that waits for data.
 _STALLED = """
 import runpy, sys, time
-import m3d_jax.data.pipeline as pipeline
+import m3d_jax.data.prepared as prepared
 def stalled(path, **options):
     print("reading", path, file=sys.stderr, flush=True)
     time.sleep(3600)
-pipeline.load_volume = stalled
+prepared.load_volume = stalled
 sys.argv[0] = "m3d_jax.train"
 runpy.run_module("m3d_jax.train", run_name="__main__")
 """
