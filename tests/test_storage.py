@@ -71,6 +71,22 @@ def test_local_workdir_is_written_in_place(tmp_path):
     assert (tmp_path / "run" / "tensorboard").is_dir()
 
 
+def test_progress_off_a_terminal_is_one_line_per_logged_step(tmp_path, capsys):
+    folder = RunFolder(str(tmp_path / "run"))
+    writer = MetricWriter(folder, total_steps=300, progress=True)  # pytest's captured stderr is not a terminal
+    for step in range(1, 301):
+        writer.advance()
+        if step % 100 == 0:
+            writer.write(step, {"loss": 1.0 / step, "lr": 1e-3, "step_time_s": 0.25, "ignored": 7.0})
+    writer.write(300, {"lm_loss": 0.1}, prefix="eval")
+    writer.close()
+    folder.close()
+    captured = capsys.readouterr()
+    assert "\r" not in captured.out + captured.err
+    expected = [f"step {s}/300: loss {1.0 / s:.4g}, lr 0.001, 0.25 s/step" for s in (100, 200, 300)]
+    assert captured.out.splitlines() == expected
+
+
 def test_export_folder_is_uploaded_with_the_same_files(memory):
     folder = RunFolder("memory://bucket/run")
     export = Path(folder.local("pytorch"))

