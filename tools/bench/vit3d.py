@@ -1,11 +1,12 @@
 """Full-size ViT3D forward: JAX (this project) vs MONAI's ViT in PyTorch, same weights, same process.
 
-Prints median times, the speed ratio, achieved GFLOP/s (analytic count: matmuls and attention) and that as a fraction of a measured fp32
-matmul peak of this machine (the larger of JAX's and torch's 4096³ matmul rate). On CPU, torch gets
-as many intra-op threads as XLA uses (all cores). On a GPU both run on the GPU.
+Prints median times, the speed ratio, achieved GFLOP/s (analytic count: matmuls and attention) and that
+as a fraction of a measured fp32 matmul peak of this machine (the larger of JAX's and torch's 4096³ matmul
+rate). On CPU, torch gets as many intra-op threads as XLA uses (all cores). On a GPU both run on the GPU.
 
   python tools/bench/vit3d.py                      # fp32, batch 1 and 2, 32×256×256
   python tools/bench/vit3d.py --dtype=bfloat16     # bf16 compute (torch under autocast)
+  python tools/bench/vit3d.py --parts              # one layer's time by part: matmuls, attention, norms
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "2"], "Batch sizes to time
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per measurement (median reported).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _IMAGE_SIZE = flags.DEFINE_list("image_size", ["32", "256", "256"], "Volume size D,H,W.")
+_PARTS = flags.DEFINE_bool("parts", False, "Also time one layer's parts (JAX vs torch, interleaved): the "
+                            "matmuls, attention (ours vs torch's SDPA) and LayerNorm + GELU, at the bench's size.")
 _PRECISION = flags.DEFINE_enum(
     "matmul_precision", "highest", ["default", "highest"],
     "JAX fp32 matmul precision; 'highest' matches torch's fp32 (no TF32) on GPU.",
@@ -43,6 +46,61 @@ def _analytic_flops(config, batch: int) -> float:
     patch_dim = config.in_channels * config.patch_size[0] * config.patch_size[1] * config.patch_size[2]
     per_layer = 2 * tokens * width * (3 * width + width + 2 * mlp) + 4 * tokens * tokens * width
     return batch * (2 * config.num_patches * patch_dim * width + config.num_layers * per_layer)
+
+
+def _layer_parts(config, jax, jnp, np, torch, repeats: int) -> None:
+    """One layer's time by part at the config's size, batch 1, interleaved JAX / torch runs (medians): the
+    linear layers (qkv, out, MLP), attention (this project's `attend` against torch's SDPA, a fused CPU
+    kernel; MONAI's ViT computes attention with explicit einsums instead), and LayerNorm + GELU."""
+    import statistics
+    import time
+
+    from m3d_jax.layers.attention import attend
+
+    tokens, width, mlp, heads = config.num_tokens, config.hidden_size, config.mlp_dim, config.num_heads
+    rng = np.random.default_rng(0)
+    arrays = dict(x=(1, tokens, width), qkv=(width, 3 * width), out=(width, width), up=(width, mlp),
+                  down=(mlp, width), q=(1, tokens, heads, width // heads), h=(1, tokens, mlp))
+    host = {name: rng.standard_normal(shape, dtype=np.float32) * (0.02 if name in ("qkv", "out", "up", "down")
+                                                                    else 1.0) for name, shape in arrays.items()}
+    j = {name: jnp.asarray(value) for name, value in host.items()}
+    t = {name: torch.from_numpy(value) for name, value in host.items()}
+    scale = (width // heads) ** -0.5
+    linear = jax.jit(lambda x, a, b, c, d: (x @ a)[..., :width] @ b + (x @ c) @ d)
+    attention = jax.jit(lambda q: attend(q, q, q, scale=scale))
+
+    def norm_gelu(x, h):
+        normed = (x - x.mean(-1, keepdims=True)) / jnp.sqrt(x.var(-1, keepdims=True) + 1e-5)
+        return normed, jax.nn.gelu(h, approximate=False)
+
+    norm_gelu = jax.jit(norm_gelu)
+    tq, functional = t["q"].transpose(1, 2), torch.nn.functional
+    parts = {
+        "linear (qkv, out, MLP)": (
+            lambda: linear(j["x"], j["qkv"], j["out"], j["up"], j["down"]),
+            lambda: (t["x"] @ t["qkv"])[..., :width] @ t["out"] + (t["x"] @ t["up"]) @ t["down"]),
+        "attention (torch: SDPA)": (
+            lambda: attention(j["q"]), lambda: functional.scaled_dot_product_attention(tq, tq, tq, scale=scale)),
+        "LayerNorm + GELU": (
+            lambda: norm_gelu(j["x"], j["h"]),
+            lambda: (functional.layer_norm(t["x"], (width,)), functional.gelu(t["h"]))),
+    }
+    times = {name: ([], []) for name in parts}
+    for ours, _ in parts.values():
+        jax.block_until_ready(ours())
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for name, (ours, theirs) in parts.items():
+                start = time.perf_counter()
+                jax.block_until_ready(ours())
+                times[name][0].append(time.perf_counter() - start)
+                start = time.perf_counter()
+                theirs()
+                times[name][1].append(time.perf_counter() - start)
+    print(f"one layer by part ({tokens} tokens, width {width}, {heads} heads, batch 1, fp32):")
+    for name, (ours, theirs) in times.items():
+        ours, theirs = statistics.median(ours), statistics.median(theirs)
+        print(f"  {name:24s} jax {ours * 1e3:7.1f} ms  torch {theirs * 1e3:7.1f} ms  torch/jax {theirs / ours:5.2f}")
 
 
 def main(argv):
@@ -108,6 +166,8 @@ def main(argv):
               f"{flops / jax_time / 1e9:>11.1f} {flops / jax_time / 1e9 / peak:>6.0%} "
               f"{flops / torch_time / 1e9:>13.1f} {error:>15.2e}")
     print(f"config {dataclasses.asdict(config)}")
+    if _PARTS.value and device == "cpu" and _DTYPE.value == "float32":
+        _layer_parts(config, jax, jnp, np, torch, _REPEATS.value)
 
 
 if __name__ == "__main__":
