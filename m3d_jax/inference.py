@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from m3d_jax.data.volume import Geometry, Volume
+from m3d_jax.render import panels
 
 _BOX = re.compile(r"<bx_start>\s*\[([^\]]*)\]\s*<bx_end>")
 
@@ -61,24 +62,15 @@ def save_mask(mask: np.ndarray, volume: Volume, out_dir: str | os.PathLike, stem
     return path
 
 
-def save_overlay(image: np.ndarray, mask: np.ndarray, path: str | os.PathLike) -> Path:
-    """PNG of the middle axial, coronal and sagittal slices of [D, H, W] `image` with `mask` in red."""
-    import matplotlib
+def save_overlay(image: np.ndarray, mask: np.ndarray, path: str | os.PathLike,
+                 spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> Path:
+    """PNG of the axial, coronal and sagittal planes of [D, H, W] `image` through the mask's centre, the mask
+    overlaid, at the physical aspect of voxel size (z, y, x) `spacing` in mm (`render.panels`), enlarged by
+    a whole factor to at least 256 pixels high."""
+    import matplotlib.image
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    centre = [int(np.mean(np.nonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))[0]))
-              if mask.any() else n // 2 for axis, n in enumerate(image.shape)]
-    views = [(image[centre[0]], mask[centre[0]], "axial"), (image[:, centre[1]], mask[:, centre[1]], "coronal"),
-             (image[:, :, centre[2]], mask[:, :, centre[2]], "sagittal")]
-    figure, axes = plt.subplots(1, 3, figsize=(12, 4))
-    for axis, (plane, plane_mask, title) in zip(axes, views):
-        axis.imshow(plane, cmap="gray", origin="lower")
-        axis.imshow(np.ma.masked_where(plane_mask == 0, plane_mask), cmap="autumn", alpha=0.5, origin="lower")
-        axis.set_title(title)
-        axis.axis("off")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    picture = panels(image, mask, spacing)
+    factor = max(1, -(-256 // picture.shape[0]))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    matplotlib.image.imsave(path, np.repeat(np.repeat(picture, factor, axis=0), factor, axis=1))
     return Path(path)

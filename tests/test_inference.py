@@ -6,6 +6,7 @@ import nibabel as nib
 import numpy as np
 
 from m3d_jax.data.volume import load_volume, prepare
+from m3d_jax import render
 from m3d_jax.inference import box_to_input, parse_boxes, save_mask, save_overlay, world_coordinates
 
 
@@ -48,8 +49,12 @@ def test_box_and_mask_map_back_to_the_input_grid(tmp_path):
     np.testing.assert_array_equal(written.affine, volume.affine)
     reloaded = load_volume(path).array[0]
     np.testing.assert_array_equal(reloaded > 0, mask > 0)
-    png = save_overlay(volume.array[0], mask, tmp_path / "out" / "overlay.png")
-    assert png.stat().st_size > 1000
+    png = save_overlay(volume.array[0], mask, tmp_path / "out" / "overlay.png", render.spacing_of(volume.affine))
+    import matplotlib.image
+
+    picture = (matplotlib.image.imread(png)[..., :3] * 255).round()
+    assert picture.shape[0] >= 256 and picture.shape[1] > 2 * picture.shape[0]  # three views side by side
+    assert ((picture[..., 0] > picture[..., 1] + 20)).sum() > 100  # the mask, in the overlay colour
 
 
 def test_infer_cli_answers(tmp_path):

@@ -83,6 +83,7 @@ def infer_lamed(model, volume: Volume):
 
     from m3d_jax.generate import SamplingConfig
     from m3d_jax.inference import box_to_input, parse_boxes, save_mask, save_overlay, world_coordinates
+    from m3d_jax.render import mask_volume_ml, spacing_of
     from m3d_jax.models.lamed import generate_lamed
     from m3d_jax.tokenizer import add_lamed_tokens, lamed_prompt_ids, load_tokenizer
 
@@ -106,8 +107,9 @@ def infer_lamed(model, volume: Volume):
         model_mask = np.asarray(out.seg_logits)[0, 0] > 0  # sigmoid > 0.5
         mask = geometry.mask_to_original(model_mask.astype(np.uint8))
         path = save_mask(mask, volume, _OUT_DIR.value)
-        overlay = save_overlay(volume.array[0], mask, Path(_OUT_DIR.value) / "overlay.png")
-        print(f"mask: {int(mask.sum())} voxels -> {path} (overlay {overlay})")
+        spacing = spacing_of(volume.affine)
+        overlay = save_overlay(volume.array[0], mask, Path(_OUT_DIR.value) / "overlay.png", spacing)
+        print(f"mask: {int(mask.sum())} voxels, {mask_volume_ml(mask, spacing):.1f} mL -> {path} (overlay {overlay})")
 
 
 if __name__ == "__main__":
