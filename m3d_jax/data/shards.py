@@ -238,11 +238,10 @@ def _local_copy(root: str, shard: dict, cache: str | None) -> str:
     return str(local)
 
 
-def sha256(path: str, fs=None) -> str:
+def sha256(path: str) -> str:
     """The SHA-256 hex digest of a file."""
     digest = hashlib.sha256()
-    opener = fs.open if fs is not None else open
-    with opener(path, "rb") as handle:
+    with open(path, "rb") as handle:
         while chunk := handle.read(16 << 20):
             digest.update(chunk)
     return digest.hexdigest()

@@ -21,9 +21,9 @@ from m3d_jax.data import med2e3_samples
 from m3d_jax.data import prompts as lamed_prompts
 from m3d_jax.data.clip_samples import text_ids
 from m3d_jax.data.lamed_samples import record_texts
-from m3d_jax.data.prepared import load_record_mask
+from m3d_jax.data.prepared import load_record_mask, prepare_image
 from m3d_jax.data.prompts import CAPTION_PROMPTS
-from m3d_jax.data.volume import load_volume, prepare, prepare_mask
+from m3d_jax.data.volume import prepare_mask
 from m3d_jax.eval import metrics
 from m3d_jax.eval.retrieval import encode_pairs
 from m3d_jax.generate import SamplingConfig, left_pad
@@ -55,9 +55,8 @@ class TaskResult:
 
 
 def _prepared(record: dict, image_size, window, with_mask: bool, channels: int | None = None):
-    volume = load_volume(record["image"], channels=channels).array
-    image, geometry = prepare(volume, image_size, window)
-    mask = prepare_mask(load_record_mask(record, volume.shape), geometry) if with_mask else None
+    image, geometry, shape = prepare_image(record["image"], image_size, window, channels)
+    mask = prepare_mask(load_record_mask(record, shape), geometry) if with_mask else None
     return image, mask
 
 
