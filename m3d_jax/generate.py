@@ -40,9 +40,10 @@ class GenerateOutput(NamedTuple):
     lengths: jax.Array  # [B] generated tokens per row, EOS included
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token lists → (ids [B, P], attention_mask [B, P]) padded on the left."""
-    length = max(len(p) for p in prompts)
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists → (ids [B, P], attention_mask [B, P]) padded on the left, P the longest prompt rounded up
+    to a multiple of `multiple` (a few prompt-length buckets: a jitted generate compiles once per bucket)."""
+    length = -(-max(len(p) for p in prompts) // multiple) * multiple
     ids = np.full((len(prompts), length), pad_token_id, np.int32)
     mask = np.zeros((len(prompts), length), np.int32)
     for row, prompt in enumerate(prompts):

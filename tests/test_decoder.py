@@ -108,6 +108,19 @@ def test_left_padded_batch_equals_unpadded_rows(case, converted, rng):
         np.testing.assert_allclose(batched[row, -len(prompt):], single, atol=1e-5)
 
 
+def test_bucketed_padding_rounds_the_length_up_and_generates_the_same_tokens(converted, rng):
+    _, model, _ = converted("llama_gqa")
+    prompts = [[1, *rng.integers(3, VOCAB, 9)], [1, *rng.integers(3, VOCAB, 4)]]
+    ids, mask = left_pad(prompts, 0)
+    bucket_ids, bucket_mask = left_pad(prompts, 0, multiple=16)
+    assert ids.shape == (2, 10) and bucket_ids.shape == (2, 16)
+    np.testing.assert_array_equal(bucket_ids[:, -10:], ids)
+    assert bucket_mask.sum() == mask.sum()
+    config = SamplingConfig(max_new_tokens=12, eos_token_ids=())
+    np.testing.assert_array_equal(np.asarray(generate(model, bucket_ids, attention_mask=bucket_mask, config=config).tokens),
+                                  np.asarray(generate(model, ids, attention_mask=mask, config=config).tokens))
+
+
 @pytest.mark.parametrize("case", ["phi3_longrope", "llama_gqa", "phi3_sliding_window"])
 def test_greedy_generation_matches_transformers_generate(case, converted, rng):
     hf, model, _ = converted(case)
