@@ -117,7 +117,8 @@ def test_bucketed_padding_rounds_the_length_up_and_generates_the_same_tokens(con
     np.testing.assert_array_equal(bucket_ids[:, -10:], ids)
     assert bucket_mask.sum() == mask.sum()
     config = SamplingConfig(max_new_tokens=12, eos_token_ids=())
-    np.testing.assert_array_equal(np.asarray(generate(model, bucket_ids, attention_mask=bucket_mask, config=config).tokens),
+    bucketed = generate(model, bucket_ids, attention_mask=bucket_mask, config=config).tokens
+    np.testing.assert_array_equal(np.asarray(bucketed),
                                   np.asarray(generate(model, ids, attention_mask=mask, config=config).tokens))
 
 
