@@ -176,6 +176,9 @@ def test_zip_of_a_volume_and_zip_of_non_dicom_files(tmp_path):
     with zipfile.ZipFile(tmp_path / "one.zip", "w") as archive:
         archive.write(tmp_path / "ct.nii.gz", "case/ct.nii.gz")
     assert load_upload([tmp_path / "one.zip"], tmp_path / "a").array.shape == (1, 24, 36, 40)
+    np.save(tmp_path / "b.npy", np.zeros((1, 5, 6, 7), np.float32))
+    newest = load_upload([tmp_path / "one.zip", tmp_path / "b.npy"], tmp_path / "c")  # the upload box keeps both
+    assert newest.path.name == "b.npy" and newest.array.shape == (1, 5, 6, 7)
     with zipfile.ZipFile(tmp_path / "notes.zip", "w") as archive:
         archive.writestr("notes/a.txt", "hello")
         archive.writestr("notes/b.txt", "world")

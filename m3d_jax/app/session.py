@@ -81,7 +81,8 @@ def extract_zip(path: Path, dest: Path, limits: Limits, name: str) -> Path:
 def load_upload(paths: Sequence[str | Path], folder: Path, limits: Limits = Limits(),
                 names: Sequence[str] | None = None) -> Volume:
     """The volume in an upload: one `.nii` / `.nii.gz` / `.npy` file, a `.zip` of a DICOM series (or of one
-    volume file), or several files of one DICOM series. Each file is copied into `folder` (a fresh folder the
+    volume file), or several files of one DICOM series (among several files, the last volume or zip file if
+    there is one: the upload box keeps earlier files). Each file is copied into `folder` (a fresh folder the
     app owns) and only read there; `names` are the files as the user called them, for messages. Anything
     else is an `UploadError` saying what is wrong."""
     paths = [Path(p) for p in paths]
@@ -94,6 +95,9 @@ def load_upload(paths: Sequence[str | Path], folder: Path, limits: Limits = Limi
         _check_bytes(name, path.stat().st_size, limits)
     _check_bytes(", ".join(names), sum(p.stat().st_size for p in paths), limits, " together")
     folder.mkdir(parents=True, exist_ok=True)
+    whole = [i for i, name in enumerate(names) if _suffix_ok(name) or name.lower().endswith(".zip")]
+    if len(paths) > 1 and whole:  # a file added to the upload box next to earlier ones: the newest volume
+        paths, names = [paths[whole[-1]]], [names[whole[-1]]]
     if len(paths) > 1:  # the files of one DICOM series
         series = folder / "series"
         series.mkdir()

@@ -19,6 +19,7 @@ from m3d_jax.inference import Answer, save_mask
 
 MAX_NEW_TOKENS = (32, 64, 128, 256)
 DEFAULT_MAX_NEW_TOKENS = 64
+MODEL_NAMES = {"lamed": "M3D-LaMed", "med2e3": "Med-2E3"}
 CSS = """
 #status {min-height: 1.5em}
 .viewer img {image-rendering: pixelated; object-fit: contain}
@@ -95,7 +96,8 @@ def _click_handler(view: str):
 def build(service: Service, examples: list[Example] = (), title: str = "m3d-jax") -> gr.Blocks:
     """The page, bound to `service`; each browser session gets its own `Session` in a `gr.State`."""
     answerer = service.answerer
-    model_line = (f"{answerer.kind} model, input {tuple(answerer.vision.image_size)} (D, H, W)"
+    model_line = (f"{MODEL_NAMES.get(answerer.kind, answerer.kind)} model, input "
+                  f"{tuple(answerer.vision.image_size)} (D, H, W)"
                   f"{', with a mask decoder' if answerer.segments else ''}")
     with gr.Blocks(title=title) as page:
         state = gr.State(None, delete_callback=lambda session: session and session.close())
@@ -118,10 +120,7 @@ def build(service: Service, examples: list[Example] = (), title: str = "m3d-jax"
                                                    buttons=["download"], height=300))
                             sliders.append(gr.Slider(0, 1, value=0, step=1, label=f"{view} slice",
                                                      elem_id=f"slider-{view}"))
-                with gr.Row():
-                    opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Mask opacity", elem_id="opacity")
-                    mask_file = gr.File(label="Mask (NIfTI with the input's affine)", interactive=False,
-                                        elem_id="mask-file", height=90)
+                opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Mask opacity", elem_id="opacity")
                 plot = gr.Image(label="Slice scores (Med-2E3)", type="numpy", interactive=False, visible=False,
                                 elem_id="score-plot")
             with gr.Column(scale=2):
@@ -139,8 +138,11 @@ def build(service: Service, examples: list[Example] = (), title: str = "m3d-jax"
                     temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.1, label="Temperature")
                     top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
                 details = gr.Markdown("", elem_id="details")
+                mask_file = gr.File(label="Mask (NIfTI with the input's affine)", interactive=False,
+                                    elem_id="mask-file", height=80)
         if examples:
             gr.Examples([[[str(e.path)], e.question] for e in examples], inputs=[upload, question],
+                        example_labels=[f"{e.path.parent.name}: {e.question}" for e in examples],
                         label="Demo phantoms (held-out cases of configs/demo.py's set): click one, then Ask")
 
         view_inputs = [state, *sliders, window_name, opacity]
