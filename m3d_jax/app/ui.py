@@ -40,8 +40,12 @@ def _views(session: Session | None, positions, window_name: str, opacity: float)
     last = session.last
     mask = last.mask if last is not None else None
     boxes = last.boxes if last is not None else ()
+    level_width = render.WINDOWS[window_name]
+    if level_width is None:  # the volume's range, not each slice's, so the three views show the same greys
+        low, high = float(array.min()), float(array.max())
+        level_width = ((low + high) / 2, max(high - low, 1e-6))
     return [viewer.slice_image(array, view, position[axis], render.spacing_of(volume.affine),
-                               level_width=render.WINDOWS[window_name], mask=mask, opacity=opacity, boxes=boxes,
+                               level_width=level_width, mask=mask, opacity=opacity, boxes=boxes,
                                position=position) for axis, view in enumerate(render.VIEWS)]
 
 
