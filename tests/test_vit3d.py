@@ -110,13 +110,16 @@ def test_scan_and_remat_equal_plain_loop(variant, rng):
     images = jnp.asarray(rng.random((2, 1, 16, 64, 64), dtype=np.float32))
     plain_out, plain_grads = _features_and_grads(TINY, images)
     out, grads = _features_and_grads(dataclasses.replace(TINY, **variant), images)
-    # Bit-identical on CPU; GPU kernels may fuse the loop and the scan differently (seen: 8e-7 on an H200).
-    atol = 0.0 if jax.default_backend() == "cpu" else 1e-6
+    # The same arithmetic, which XLA may fuse differently around the loop, scan and remat boundaries (seen:
+    # 8e-7 on an H200, 1e-6 on CPU). Gradients are compared at the scale of the largest one: each variant was
+    # within 2e-7 of it from a float64 run of the same weights, while small leaves differ by up to 2% of their own.
+    atol = 2e-6
     np.testing.assert_allclose(out.features, plain_out.features, rtol=0, atol=atol)
     for ours, ref in zip(out.hidden_states, plain_out.hidden_states):
         np.testing.assert_allclose(ours, ref, rtol=0, atol=atol)
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(plain_grads))
     for ours, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads)):
-        np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(ours, ref, rtol=0, atol=2e-6 * scale)
 
 
 def test_query_chunked_attention_equals_unchunked(rng):
