@@ -1,8 +1,10 @@
 """Answering questions about a volume with M3D-LaMed or Med-2E3, shared by `tools/infer.py` and the web app
 (`m3d_jax.app`): the model and its tokenizers loaded once (`Answerer`), a volume prepared once per upload
-(`Prepared`), prompts left-padded to a bucket of `PROMPT_BUCKET` tokens so questions of different lengths
-reuse one compiled program, and the answer mapped back to the input volume: boxes in voxels and mm, a
-[SEG] mask on the input grid, Med-2E3's slice scores with the input slices each model slice came from."""
+(`Prepared`), prompts built as M3D-Bench builds them (`m3d_jax.eval.bench.lamed_prompt_batch`,
+`med2e3_prompt_batch`: tools/evaluate.py asks the same prompts) left-padded to a bucket of `PROMPT_BUCKET`
+tokens so questions of different lengths reuse one compiled program, and the answer mapped back to the
+input volume: boxes in voxels and mm, a [SEG] mask on the input grid, Med-2E3's slice scores with the input
+slices each model slice came from."""
 
 from __future__ import annotations
 
@@ -208,32 +210,24 @@ class Answerer:
 
     def _generate_lamed(self, image: np.ndarray, question: str, sampling):
         # jax on use, as in `load`
-        from m3d_jax.generate import left_pad
+        from m3d_jax.eval.bench import lamed_prompt_batch
         from m3d_jax.models.lamed import generate_lamed
-        from m3d_jax.tokenizer import lamed_prompt_ids
 
-        prompt = lamed_prompt_ids(self.tokenizer, question, self.model.config.proj_out_num)
-        ids, mask = left_pad([prompt], self.tokenizer.pad_token_id, multiple=PROMPT_BUCKET)
-        out = generate_lamed(self.model, image[None], ids, attention_mask=mask, config=sampling)
+        prompts = lamed_prompt_batch(self.tokenizer, self.model.config, [question], multiple=PROMPT_BUCKET)
+        out = generate_lamed(self.model, image[None], prompts.ids, attention_mask=prompts.mask,
+                             config=prompts.sampling(sampling))
         text, raw = self._decode(out.tokens, int(out.lengths[0]))
         return text, raw, None if out.seg_logits is None else np.asarray(out.seg_logits)
 
     def _generate_med2e3(self, image: np.ndarray, question: str, sampling):
         # jax on use, as in `load`
-        from m3d_jax.data import med2e3_samples
-        from m3d_jax.data.clip_samples import text_ids
-        from m3d_jax.eval.bench import med2e3_question_length
-        from m3d_jax.generate import left_pad
+        from m3d_jax.data.med2e3_samples import Med2E3Tokenizers
+        from m3d_jax.eval.bench import med2e3_prompt_batch
         from m3d_jax.models.med2e3 import generate_med2e3
 
-        config, llm = self.model.config, self.tokenizer
-        pad = llm.pad_token_id if llm.pad_token_id is not None else llm.eos_token_id
-        prompt = med2e3_samples.prompt_ids(llm, question, num_visual=config.num_visual_tokens,
-                                           placeholder_id=config.image_token_id).ids
-        ids, mask = left_pad([prompt], pad, multiple=PROMPT_BUCKET)
-        question_ids, question_mask = text_ids(self.text_tokenizer, question, med2e3_question_length(config))
-        sampling = dataclasses.replace(sampling, eos_token_ids=(llm.eos_token_id,), pad_token_id=pad)
-        out = generate_med2e3(self.model, image[None], ids, question_ids[None], question_mask[None],
-                              attention_mask=mask, config=sampling)
+        prompts = med2e3_prompt_batch(Med2E3Tokenizers(self.tokenizer, self.text_tokenizer), self.model.config,
+                                      [question], multiple=PROMPT_BUCKET)
+        out = generate_med2e3(self.model, image[None], prompts.ids, prompts.question_ids, prompts.question_mask,
+                              attention_mask=prompts.mask, config=prompts.sampling(sampling))
         text, raw = self._decode(out.tokens, int(out.lengths[0]))
         return text, raw, np.asarray(out.slice_scores)[0]

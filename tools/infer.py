@@ -15,7 +15,8 @@ Med-2E3 answers its "phi" chat prompt; the question alone, tokenized with BERT's
 (--text_tokenizer), steers the text-guided slice scores, and the 5 highest-scoring slices are printed
 with the input slices they were resampled from.
 
-The answering itself is `m3d_jax.inference.Answerer`, which the web app (`python -m m3d_jax.app`) shares.
+The answering itself is `m3d_jax.inference.Answerer`, which the web app (`python -m m3d_jax.app`) shares;
+its prompts are tools/evaluate.py's (`m3d_jax.eval.bench.lamed_prompt_batch`, `med2e3_prompt_batch`).
 """
 
 from __future__ import annotations

@@ -79,34 +79,68 @@ def med2e3_question_length(config) -> int:
     return min(512, config.vision3d.text.max_position_embeddings)
 
 
+@dataclasses.dataclass(frozen=True)
+class PromptBatch:
+    """The prompts of one batch of questions, left-padded, with the ids generation stops and pads with."""
+
+    ids: np.ndarray  # [B, P] int32, P a multiple of the builder's `multiple`
+    mask: np.ndarray  # [B, P] int32, 0 on the left padding
+    pad_token_id: int
+    eos_token_id: int
+    question_ids: np.ndarray | None = None  # Med-2E3: the questions in BERT tokens [B, Q]
+    question_mask: np.ndarray | None = None
+
+    def sampling(self, base: SamplingConfig) -> SamplingConfig:
+        """`base` (length, temperature, top-p, seed) stopping at this tokenizer's EOS, padding with its pad."""
+        return dataclasses.replace(base, eos_token_ids=(self.eos_token_id,), pad_token_id=self.pad_token_id)
+
+
+def lamed_prompt_batch(tokenizer, config, questions: Sequence[str], multiple: int = 1) -> PromptBatch:
+    """M3D-LaMed prompts as the model is trained on them (`prompts.prompt_ids`: BOS, `proj_out_num` image
+    placeholders, the question), left-padded to a multiple of `multiple` tokens. The one LaMed prompt
+    builder: M3D-Bench here and `m3d_jax.inference` (tools/infer.py, the web app) use it."""
+    prompts = [lamed_prompts.prompt_ids(tokenizer, q, proj_out_num=config.proj_out_num,
+                                        image_token_id=config.image_token_id) for q in questions]
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id, multiple=multiple)
+    return PromptBatch(ids, mask, tokenizer.pad_token_id, tokenizer.eos_token_id)
+
+
+def med2e3_prompt_batch(tokenizers, config, questions: Sequence[str], multiple: int = 1) -> PromptBatch:
+    """Med-2E3 prompts (its chat template around the visual placeholders), left-padded to a multiple of
+    `multiple` tokens, and the questions in BERT tokens for the text-guided slice scores. `tokenizers` is a
+    `Med2E3Tokenizers`. The one Med-2E3 prompt builder, shared as `lamed_prompt_batch` is."""
+    llm = tokenizers.llm
+    pad = llm.pad_token_id if llm.pad_token_id is not None else llm.eos_token_id
+    prompts = [med2e3_samples.prompt_ids(llm, q, num_visual=config.num_visual_tokens,
+                                         placeholder_id=config.image_token_id).ids for q in questions]
+    ids, mask = left_pad(prompts, pad, multiple=multiple)
+    encoded = [text_ids(tokenizers.text, q, med2e3_question_length(config)) for q in questions]
+    return PromptBatch(ids, mask, pad, llm.eos_token_id, np.stack([e[0] for e in encoded]),
+                       np.stack([e[1] for e in encoded]))
+
+
+def _bench_sampling(settings: BenchSettings) -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=settings.max_new_tokens, seed=settings.seed)
+
+
 def generate_med2e3_answers(model, tokenizers, questions: Sequence[str], images: np.ndarray,
                             settings: BenchSettings) -> tuple[list[str], np.ndarray]:
     """Greedy Med-2E3 answers (special tokens removed) and slice scores [B, slices] for one batch.
     `tokenizers` is a `Med2E3Tokenizers` (the LLM's, and BERT's for the question)."""
-    config, llm = model.config, tokenizers.llm
-    pad = llm.pad_token_id if llm.pad_token_id is not None else llm.eos_token_id
-    prompts = [med2e3_samples.prompt_ids(llm, q, num_visual=config.num_visual_tokens, placeholder_id=config.image_token_id).ids
-               for q in questions]
-    ids, mask = left_pad(prompts, pad)
-    encoded = [text_ids(tokenizers.text, q, med2e3_question_length(config)) for q in questions]
-    question_ids, question_mask = np.stack([e[0] for e in encoded]), np.stack([e[1] for e in encoded])
-    sampling = SamplingConfig(max_new_tokens=settings.max_new_tokens, eos_token_ids=(llm.eos_token_id,),
-                              pad_token_id=pad, seed=settings.seed)
-    out = generate_med2e3(model, images, ids, question_ids, question_mask, attention_mask=mask, config=sampling)
+    prompts = med2e3_prompt_batch(tokenizers, model.config, questions)
+    out = generate_med2e3(model, images, prompts.ids, prompts.question_ids, prompts.question_mask,
+                          attention_mask=prompts.mask, config=prompts.sampling(_bench_sampling(settings)))
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-    texts = [llm.decode(tokens[row, : lengths[row]], skip_special_tokens=True).strip() for row in range(len(questions))]
+    texts = [tokenizers.llm.decode(tokens[row, : lengths[row]], skip_special_tokens=True).strip()
+             for row in range(len(questions))]
     return texts, np.asarray(out.slice_scores)
 
 
 def generate_answers(model, tokenizer, questions: Sequence[str], images: np.ndarray, settings: BenchSettings):
     """Greedy answers (text with special tokens removed) and SegVol logits (or None) for one batch."""
-    config = model.config
-    prompts = [lamed_prompts.prompt_ids(tokenizer, q, proj_out_num=config.proj_out_num, image_token_id=config.image_token_id)
-               for q in questions]
-    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
-    sampling = SamplingConfig(max_new_tokens=settings.max_new_tokens, eos_token_ids=(tokenizer.eos_token_id,),
-                              pad_token_id=tokenizer.pad_token_id, seed=settings.seed)
-    out = generate_lamed(model, images, ids, attention_mask=mask, config=sampling)
+    prompts = lamed_prompt_batch(tokenizer, model.config, questions)
+    out = generate_lamed(model, images, prompts.ids, attention_mask=prompts.mask,
+                         config=prompts.sampling(_bench_sampling(settings)))
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     texts = [tokenizer.decode(tokens[row, : lengths[row]], skip_special_tokens=True).strip()
              for row in range(len(questions))]
