@@ -1,9 +1,12 @@
 """The web app's logic without a browser (m3d_jax.app.session, viewer): upload checks and their messages,
-answers with a box and with a [SEG] mask on a tiny seg-enabled LaMed, and sessions kept apart."""
+answers with a box and with a [SEG] mask on a tiny seg-enabled LaMed, sessions kept apart, and a Med-2E3
+answer's slice scores, plot and slice clicks on a tiny random Med-2E3."""
 
 from __future__ import annotations
 
 import io
+import threading
+import time
 import zipfile
 
 import nibabel as nib
@@ -18,6 +21,7 @@ from m3d_jax.data.phantoms import write_phantoms
 from m3d_jax.errors import InputError
 from m3d_jax.generate import SamplingConfig
 from m3d_jax.inference import Answerer, InputBox
+from test_med2e3_tools import phantom_med2e3  # noqa: F401 (a fixture: the phantom-config Med-2E3 folder)
 
 # The scripted model's bigram chain (word tokenizer ids: w<i> = i, </s> = 2, [SEG] = 259): a question ending in
 # w9 is answered "w10 w11 [SEG]" (a [SEG] after the first new token, so its hidden state prompts the mask
@@ -129,6 +133,27 @@ def test_warm_up_compiles_the_path_the_first_question_takes(service, tmp_path):
     assert service.ask(session, "w3 w4 w5 w6 w7", SAMPLING).seconds < 5  # another length, the same bucket
 
 
+def test_stop_discards_an_answer_still_being_generated(service, tmp_path):
+    session = service.new_session()
+    service.load(session, [_nifti(tmp_path / "ct.nii.gz")])
+    outcome = {}
+
+    def ask():
+        try:
+            outcome["answer"] = service.ask(session, PLAIN_QUESTION, SAMPLING)
+        except InputError as error:
+            outcome["error"] = str(error)
+
+    with service.lock:  # the model busy with another request: this question waits, then runs after Stop
+        asking = threading.Thread(target=ask)
+        asking.start()
+        time.sleep(0.2)
+        service.stop(session)
+    asking.join(60)
+    assert outcome == {"error": "stopped: the answer was discarded"} and session.history == []
+    assert service.ask(session, PLAIN_QUESTION, SAMPLING).text == PLAIN_ANSWER  # the next question is answered
+
+
 @pytest.mark.parametrize("name,content,message", [
     ("scan.txt", b"hello", "not a volume the app reads; upload a .nii"),
     ("scan.nii.gz", b"\x1f\x8b\x08\x00garbage", "cannot read NIfTI volume"),
@@ -216,6 +241,64 @@ def test_phantom_examples_are_the_held_out_cases(tmp_path):
     assert phantom_examples(tmp_path / "none") == []
     root = write_phantoms(tmp_path / "phantoms", num_cases=8, seed=0)
     examples = phantom_examples(root)
-    assert examples and all(e.path.is_file() and e.question.endswith("?") for e in examples)
+    assert examples and all(e.path.is_file() and "? Choices: A. " in e.question and " D. " in e.question
+                            and e.answer[:2] in ("A.", "B.", "C.", "D.") for e in examples)  # as the demo trains
     assert all("case_0007" in str(e.path) or "case_0006" in str(e.path) for e in examples)
 
+
+
+@pytest.fixture(scope="module")
+def med2e3_service(phantom_med2e3, tmp_path_factory):  # noqa: F811 (the fixture imported above)
+    """The app's service on test_med2e3_tools' phantom-config Med-2E3 (random weights, released layout)."""
+    model_dir, _ = phantom_med2e3
+    service = Service(Answerer.load(model_dir), root=tmp_path_factory.mktemp("med2e3_sessions"))
+    yield service
+    service.close()
+
+
+def test_med2e3_answer_scores_every_slice_and_a_top_slice_click_shows_its_input_slice(med2e3_service, tmp_path):
+    from m3d_jax.app import ui
+    from m3d_jax.data.med2e3_samples import Med2E3Tokenizers
+    from m3d_jax.eval.bench import BenchSettings, generate_med2e3_answers
+
+    service = med2e3_service
+    depth = 40  # input slices, resampled to the model's 32
+    data = 100 + np.random.default_rng(5).random((30, 36, depth), np.float32)  # (x, y, z), foreground everywhere
+    nib.save(nib.Nifti1Image(data, np.diag([1.0, 1.0, 2.5, 1.0])), tmp_path / "ct.nii.gz")
+    session = service.new_session()
+    service.load(session, [tmp_path / "ct.nii.gz"])
+    question = "How many lesions are there?"
+    answer = service.ask(session, question, SamplingConfig(max_new_tokens=4))
+
+    # The answer and scores are what M3D-Bench's Med-2E3 path (tools/evaluate.py) gives: one prompt builder.
+    answerer = service.answerer
+    texts, scores = generate_med2e3_answers(answerer.model, Med2E3Tokenizers(answerer.tokenizer,
+                                                                             answerer.text_tokenizer),
+                                            [question], session.prepared.image[None], BenchSettings(max_new_tokens=4))
+    assert answer.text == texts[0]
+    slices = answerer.model.config.vision3d.vision.image_size[0]
+    assert slices == 32 and answer.slice_scores.shape == (slices,)
+    np.testing.assert_allclose(answer.slice_scores, scores[0], atol=1e-5)
+    assert answer.slice_scores.sum() == pytest.approx(1.0, abs=1e-4)  # a softmax over the slices
+
+    # Each model slice j comes from input slices [j·40/32, (j+1)·40/32) (the crop is the whole volume).
+    assert answer.slice_sources == tuple((int(np.floor(j * depth / slices)), int(np.ceil((j + 1) * depth / slices)) - 1)
+                                         for j in range(slices))
+    top = answer.top_slices()
+    assert len(top) == 5 and top == np.argsort(-answer.slice_scores, kind="stable")[:5].tolist()
+    assert f"Top slices by text-guided score: {top[0]} (input {answer.slice_sources[top[0]][0]}–" in \
+        ui.describe(answer, session)
+
+    # After the answer the axial viewer shows the top slice's input slice; H and W stay.
+    focus = viewer.answer_focus(answer, (3, 7, 11))
+    assert focus == [sum(answer.slice_sources[top[0]]) // 2, 7, 11]
+
+    # The plot has a bar per slice, the top ones in their colour; a click on a bar moves the axial viewer.
+    picture = viewer.score_plot(answer.slice_scores, top)
+    width = picture.shape[1]
+    colour = np.array([int(viewer.TOP_COLOUR[i:i + 2], 16) for i in (1, 3, 5)])
+    for j in range(slices):
+        x = (viewer.PLOT_AXES[0] + viewer.PLOT_AXES[2] * (j + 0.5) / slices) * width
+        column = picture[:, int(x)]
+        assert (np.abs(column.astype(int) - colour).sum(-1) < 30).any() == (j in top), j
+        assert viewer.plot_click_slice(answer, x) == sum(answer.slice_sources[j]) // 2

@@ -4,9 +4,7 @@ problem turned into a one-line message for the page. Plain Python, tested withou
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import shutil
 import tempfile
 import threading
@@ -16,6 +14,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from m3d_jax.data.sources import VQASource
 from m3d_jax.data.volume import Volume, load_volume
 from m3d_jax.errors import InputError, first_line
 from m3d_jax.inference import Answer, Answerer, Prepared
@@ -146,6 +145,7 @@ class Session:
     prepared: Prepared | None = None
     history: list[Answer] = dataclasses.field(default_factory=list)
     uploads: int = 0
+    stops: int = 0  # Stop presses: an answer whose question was asked before the latest one is dropped
 
     @property
     def volume(self) -> Volume | None:
@@ -204,10 +204,18 @@ class Service:
             raise InputError("load a volume first (upload one, or click an example)")
         if not question.strip():
             raise InputError("type a question first")
+        stops = session.stops
         with self.lock:
             answer = self.answerer.answer(session.prepared, question.strip(), sampling)
+        if session.stops != stops:  # Stop was pressed while it ran (a jitted generate cannot be interrupted)
+            raise InputError("stopped: the answer was discarded")
         session.history.append(answer)
         return answer
+
+    def stop(self, session: Session | None) -> None:
+        """Drops the answer `session` is waiting for, if any (Gradio takes a queued request off the queue)."""
+        if session is not None:
+            session.stops += 1
 
     def close(self) -> None:
         if self._temporary is not None:
@@ -218,25 +226,22 @@ class Service:
 class Example:
     path: Path
     question: str
+    answer: str = ""  # the phantom set's answer, shown next to the example to judge the model's
 
 
 def phantom_examples(root: str | Path, count: int = 4) -> list[Example]:
-    """Held-out cases of the demo's phantom set (`configs/demo.py` writes it to data/phantoms) with one of
-    their closed questions each; none when the set is not there."""
-    root = Path(root)
-    if not (root / "cap.json").is_file():
+    """Held-out cases of the demo's phantom set (`configs/demo.py` writes it to data/phantoms), each with one
+    of its closed questions as the demo's model is trained on them ("... Choices: A. .. B. .. C. .. D. ..")
+    and a different kind of question for each case; none when the set is not there."""
+    path = Path(root) / "vqa_test.csv"
+    if not path.is_file():
         return []
     try:
-        test = json.loads((root / "cap.json").read_text()).get("test", [])
-        with open(root / "vqa_test.csv", newline="") as handle:
-            questions = {}
-            for row in csv.DictReader(handle):
-                questions.setdefault(row["Image Path"], row["Question"])
-    except (OSError, ValueError, KeyError):
+        records = VQASource(path, closed=True).records
+    except (OSError, ValueError):  # InputError included: a set being written, or not a phantom set
         return []
-    examples = []
-    for item in test[:count]:
-        path = root / item["image"]
-        if path.is_file():
-            examples.append(Example(path, questions.get(item["image"], "How many lesions are there?")))
-    return examples
+    by_case: dict[str, list[dict]] = {}
+    for record in records:
+        by_case.setdefault(record["image"], []).append(record)
+    return [Example(Path(image), rows[number % len(rows)]["question"], rows[number % len(rows)]["answer"])
+            for number, (image, rows) in enumerate(list(by_case.items())[:count])]

@@ -20,6 +20,9 @@ from m3d_jax.inference import Answer, save_mask
 MAX_NEW_TOKENS = (32, 64, 128, 256)
 DEFAULT_MAX_NEW_TOKENS = 64
 MODEL_NAMES = {"lamed": "M3D-LaMed", "med2e3": "Med-2E3"}
+STOP_HELP = ("<small>Stop takes a question still waiting in the queue off it. An answer already being generated "
+             "cannot be interrupted (the compiled generate runs to its end, at most *Max new tokens*); Stop "
+             "discards it when it arrives.</small>")
 CSS = """
 #status {min-height: 1.5em}
 .viewer img {image-rendering: pixelated; object-fit: contain}
@@ -103,6 +106,9 @@ def build(service: Service, examples: list[Example] = (), title: str = "m3d-jax"
     model_line = (f"{MODEL_NAMES.get(answerer.kind, answerer.kind)} model, input "
                   f"{tuple(answerer.vision.image_size)} (D, H, W)"
                   f"{', with a mask decoder' if answerer.segments else ''}")
+    # Made before the layout (rendered in the chat column) so that the examples above the viewers can fill it.
+    question = gr.Textbox(label="Question", placeholder="e.g. Where is the lesion? Please segment it.",
+                          elem_id="question", lines=1, render=False)
     with gr.Blocks(title=title) as page:
         state = gr.State(None, delete_callback=lambda session: session and session.close())
         gr.Markdown(f"## {title}: ask about a 3D scan\n{model_line}. Upload a volume (or click an example), "
@@ -115,6 +121,11 @@ def build(service: Service, examples: list[Example] = (), title: str = "m3d-jax"
                                      file_count="multiple", elem_id="upload", scale=3, height=120)
                     window_name = gr.Radio(list(render.WINDOWS), value="full range", label="Window (CT)",
                                            elem_id="window", scale=2)
+                if examples:  # next to the upload box, where a newcomer looks first
+                    gr.Examples([[[str(e.path)], e.question] for e in examples], inputs=[upload, question],
+                                example_labels=[f"{e.path.parent.name}: {e.question}"
+                                                + (f" (truth: {e.answer})" if e.answer else "") for e in examples],
+                                label="Demo phantoms (held-out cases of configs/demo.py's set): click one, then Ask")
                 images, sliders = [], []
                 with gr.Row():
                     for view in render.VIEWS:
@@ -129,12 +140,12 @@ def build(service: Service, examples: list[Example] = (), title: str = "m3d-jax"
                                 elem_id="score-plot")
             with gr.Column(scale=2):
                 chat = gr.Chatbot(label="Chat", height=380, elem_id="chat")
-                question = gr.Textbox(label="Question", placeholder="e.g. Where is the lesion? Please segment it.",
-                                      elem_id="question", lines=1)
+                question.render()
                 with gr.Row():
                     ask = gr.Button("Ask", variant="primary", elem_id="ask")
                     stop = gr.Button("Stop", variant="stop", elem_id="stop")
                     clear = gr.Button("Clear chat", elem_id="clear")
+                gr.Markdown(STOP_HELP, elem_id="stop-help")
                 with gr.Accordion("Sampling settings", open=False):
                     gr.Markdown("Greedy at temperature 0. A new setting compiles once (seconds to minutes).")
                     max_new = gr.Dropdown(list(MAX_NEW_TOKENS), value=DEFAULT_MAX_NEW_TOKENS,
@@ -144,10 +155,6 @@ def build(service: Service, examples: list[Example] = (), title: str = "m3d-jax"
                 details = gr.Markdown("", elem_id="details")
                 mask_file = gr.File(label="Mask (NIfTI with the input's affine)", interactive=False,
                                     elem_id="mask-file", height=80)
-        if examples:
-            gr.Examples([[[str(e.path)], e.question] for e in examples], inputs=[upload, question],
-                        example_labels=[f"{e.path.parent.name}: {e.question}" for e in examples],
-                        label="Demo phantoms (held-out cases of configs/demo.py's set): click one, then Ask")
 
         view_inputs = [state, *sliders, window_name, opacity]
 
@@ -189,11 +196,7 @@ def build(service: Service, examples: list[Example] = (), title: str = "m3d-jax"
             except Exception as error:  # a bug: keep the page alive, the traceback goes to the server log
                 logging.exception("answering %r failed", text)
                 return session, _chat(session.history), f"⚠️ the model failed: {first_line(error)}", *_unchanged(7)
-            position = [d, h, w]
-            if answer.mask is not None and answer.mask.any():
-                position = list(render.mask_centre(answer.mask))
-            elif answer.boxes:
-                position = [int(v) for v in (answer.boxes[0].first + answer.boxes[0].last) // 2]
+            position = viewer.answer_focus(answer, (d, h, w))
             mask_path = None
             if answer.mask is not None:
                 mask_path = str(save_mask(answer.mask, session.volume, session.folder,
@@ -201,8 +204,6 @@ def build(service: Service, examples: list[Example] = (), title: str = "m3d-jax"
             plot_update = gr.Image(visible=False)
             if answer.slice_scores is not None:
                 plot_update = gr.Image(viewer.score_plot(answer.slice_scores, answer.top_slices()), visible=True)
-                first, last = answer.slice_sources[answer.top_slices()[0]]
-                position[0] = (first + last) // 2
             return (session, _chat(session.history), "", describe(answer, session),
                     *[gr.Slider(value=p) for p in position], mask_path, plot_update, "")
 
@@ -211,7 +212,12 @@ def build(service: Service, examples: list[Example] = (), title: str = "m3d-jax"
         events = [trigger(on_ask, ask_inputs, ask_outputs, concurrency_limit=1, concurrency_id="model")
                   .then(redraw, view_inputs, images, show_progress="hidden")
                   for trigger in (ask.click, question.submit)]
-        stop.click(lambda: "Stopped: the answer was discarded.", None, status, cancels=events)
+
+        def on_stop(session):
+            service.stop(session)
+            return "Stopped: the answer was discarded."
+
+        stop.click(on_stop, state, status, cancels=events, queue=False)
 
         def on_clear(session):
             if session is not None:
@@ -227,8 +233,7 @@ def build(service: Service, examples: list[Example] = (), title: str = "m3d-jax"
             last = session.last if session is not None else None
             if last is None or last.slice_scores is None:
                 return d
-            first, end = last.slice_sources[viewer.plot_slice(evt.index[0], len(last.slice_scores))]
-            return (first + end) // 2
+            return viewer.plot_click_slice(last, evt.index[0])
 
         plot.select(on_plot_click, [state, sliders[0]], sliders[0])
     return page

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from m3d_jax import render
-from m3d_jax.inference import InputBox
+from m3d_jax.inference import Answer, InputBox
 
 DISPLAY_PIXELS = 320  # a viewer's image is enlarged by a whole factor to at least this many pixels on its long side
 TICK_COLOUR = (255, 220, 0)
@@ -123,3 +123,27 @@ def plot_slice(x: float, slices: int) -> int:
     width = PLOT_SIZE[0] * 100
     fraction = (x / width - PLOT_AXES[0]) / PLOT_AXES[2]
     return int(np.clip(np.floor(fraction * slices), 0, slices - 1))
+
+
+def input_slice(answer: Answer, model_slice: int) -> int:
+    """The input (axial) slice in the middle of those Med-2E3's model slice `model_slice` was resampled from."""
+    first, last = answer.slice_sources[model_slice]
+    return (first + last) // 2
+
+
+def plot_click_slice(answer: Answer, x: float) -> int:
+    """The input (axial) slice a click at horizontal pixel `x` of the answer's score plot shows."""
+    return input_slice(answer, plot_slice(x, len(answer.slice_scores)))
+
+
+def answer_focus(answer: Answer, position: Sequence[int]) -> list[int]:
+    """Where the viewers go (D, H, W) after `answer`: the mask's centre, else the first box's centre, else
+    for Med-2E3 the top-scored slice (H, W kept), else `position`."""
+    if answer.mask is not None and answer.mask.any():
+        return [int(v) for v in render.mask_centre(answer.mask)]
+    if answer.boxes:
+        return [int(v) for v in (answer.boxes[0].first + answer.boxes[0].last) // 2]
+    position = [int(v) for v in position]
+    if answer.slice_scores is not None:
+        position[0] = input_slice(answer, answer.top_slices()[0])
+    return position
