@@ -83,6 +83,13 @@ def describe(answer: Answer, session: Session) -> str:
     return "\n\n".join(lines)
 
 
+def example_label(example: Example) -> str:
+    """The case, the question without its choices (the box fills them in) and the set's answer, in the 60
+    characters Gradio shows of a label."""
+    label = f"{example.path.parent.name}: {example.question.split(' Choices:')[0]}"
+    return label + (f" → {example.answer.split('. ', 1)[-1]}" if example.answer else "")
+
+
 def _unchanged(count: int) -> list:
     return [gr.update() for _ in range(count)]
 
@@ -123,19 +130,21 @@ def build(service: Service, examples: list[Example] = (), title: str = "m3d-jax"
                                            elem_id="window", scale=2)
                 if examples:  # next to the upload box, where a newcomer looks first
                     gr.Examples([[[str(e.path)], e.question] for e in examples], inputs=[upload, question],
-                                example_labels=[f"{e.path.parent.name}: {e.question}"
-                                                + (f" (truth: {e.answer})" if e.answer else "") for e in examples],
-                                label="Demo phantoms (held-out cases of configs/demo.py's set): click one, then Ask")
+                                example_labels=[example_label(e) for e in examples], elem_id="examples",
+                                label="Demo phantoms (held-out cases of configs/demo.py's set, → the true answer): "
+                                      "click one, then Ask")
                 images, sliders = [], []
                 with gr.Row():
                     for view in render.VIEWS:
                         with gr.Column(min_width=160):
                             images.append(gr.Image(label=view, type="numpy", interactive=False,
                                                    elem_id=f"view-{view}", elem_classes="viewer",
-                                                   buttons=["download"], height=300))
+                                                   buttons=["download"]))
                             sliders.append(gr.Slider(0, 1, value=0, step=1, label=f"{view} slice",
                                                      elem_id=f"slider-{view}"))
-                opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Mask opacity", elem_id="opacity")
+                # Without a mask decoder there is never a mask: no opacity slider, no mask download.
+                opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Mask opacity", elem_id="opacity",
+                                    visible=answerer.segments)
                 plot = gr.Image(label="Slice scores (Med-2E3)", type="numpy", interactive=False, visible=False,
                                 elem_id="score-plot")
             with gr.Column(scale=2):
@@ -154,7 +163,7 @@ def build(service: Service, examples: list[Example] = (), title: str = "m3d-jax"
                     top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
                 details = gr.Markdown("", elem_id="details")
                 mask_file = gr.File(label="Mask (NIfTI with the input's affine)", interactive=False,
-                                    elem_id="mask-file", height=80)
+                                    elem_id="mask-file", height=80, visible=answerer.segments)
 
         view_inputs = [state, *sliders, window_name, opacity]
 
