@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from m3d_jax.app import viewer
 from m3d_jax.data.phantoms import write_phantoms
+from test_med2e3_tools import phantom_med2e3  # noqa: F401 (a fixture: the phantom-config Med-2E3 folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -33,21 +35,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
-    """The app serving the scripted model, with a phantom set as its examples; stopped after the module."""
-    from test_app import scripted_lamed
-
-    folder = tmp_path_factory.mktemp("browser_app")
-    scripted_lamed(folder / "model")
-    write_phantoms(folder / "phantoms", num_cases=8, seed=0)
+def _serve(folder: Path, ckpt: Path, examples: Path):
+    """Runs `python -m m3d_jax.app` on `ckpt` with `examples` until the generator is closed; yields its URL."""
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "JAX_PLATFORMS": "cpu", "GRADIO_ANALYTICS_ENABLED": "False"}
     log = open(folder / "app.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "m3d_jax.app", f"--ckpt={folder / 'model'}", f"--port={port}",
-                                f"--examples={folder / 'phantoms'}"], cwd=folder, env=env, stdout=log,
-                               stderr=subprocess.STDOUT)
+    process = subprocess.Popen([sys.executable, "-m", "m3d_jax.app", f"--ckpt={ckpt}", f"--port={port}",
+                                f"--examples={examples}"], cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
@@ -68,7 +63,8 @@ def app_url(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(app_url):
+def browser():
+    """Debian's Chromium through Playwright, one for the module (Playwright's sync API runs one at a time)."""
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} not found: the browser tests need Debian's chromium (`apt-get install -y chromium`; "
                     ".ci/run installs it)")
@@ -77,11 +73,41 @@ def page(app_url):
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1440, "height": 1000})
-        page.goto(app_url)
-        page.wait_for_selector("#upload", timeout=60_000)
-        yield page
+        yield browser
         browser.close()
+
+
+def _browse(browser, url: str):
+    """A page on `url` once the app's page is there; yields it, closed after."""
+    page = browser.new_page(viewport={"width": 1440, "height": 1000})
+    page.goto(url)
+    page.wait_for_selector("#upload", timeout=60_000)
+    yield page
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    """The app serving the scripted model, with a phantom set as its examples; stopped after the module."""
+    from test_app import scripted_lamed
+
+    folder = tmp_path_factory.mktemp("browser_app")
+    scripted_lamed(folder / "model")
+    write_phantoms(folder / "phantoms", num_cases=8, seed=0)
+    yield from _serve(folder, folder / "model", folder / "phantoms")
+
+
+@pytest.fixture(scope="module")
+def page(browser, app_url):
+    yield from _browse(browser, app_url)
+
+
+@pytest.fixture(scope="module")
+def med2e3_page(browser, phantom_med2e3, tmp_path_factory):  # noqa: F811 (the fixture imported above)
+    """A page of the app serving test_med2e3_tools' random phantom-config Med-2E3, its phantoms as examples."""
+    model_dir, phantoms = phantom_med2e3
+    for url in _serve(tmp_path_factory.mktemp("browser_med2e3"), model_dir, phantoms):
+        yield from _browse(browser, url)
 
 
 def _image_source(page, view: str) -> str:
@@ -149,3 +175,31 @@ def test_a_corrupt_upload_gets_a_message_not_a_trace(page, tmp_path):
     status = page.locator("#status").inner_text()
     assert "broken.nii.gz: cannot read NIfTI volume" in status and "Traceback" not in page.content()
     page.screenshot(path=str(SCREENSHOTS / "4_corrupt_upload.png"), full_page=True)
+
+
+def _axial_slice(page) -> int:
+    return int(page.locator("#slider-axial input[type=number]").input_value())
+
+
+def test_med2e3_plot_marks_the_top_slices_and_a_bar_click_moves_the_axial_viewer(med2e3_page):
+    page = med2e3_page
+    page.get_by_text("case_00").first.click()  # an example fills the upload box and the question
+    page.wait_for_function("document.querySelector('#status')?.innerText.includes('Loaded')", timeout=60_000)
+    page.locator("#ask").click()
+    page.wait_for_function("document.querySelector('#details')?.innerText.includes('Top slices')",
+                           timeout=ANSWER_TIMEOUT_MS)
+    tops = [(int(j), int(first), int(last)) for j, first, last in
+            re.findall(r"(\d+) \(input (\d+)–(\d+)\)", page.locator("#details").inner_text())]
+    assert len(tops) == 5, page.locator("#details").inner_text()
+    page.wait_for_function(f"document.querySelector('#slider-axial input[type=number]')?.value === "
+                           f"'{(tops[0][1] + tops[0][2]) // 2}'", timeout=30_000)  # the answer shows the top slice
+    plot = page.locator("#score-plot img")
+    plot.wait_for(timeout=30_000)
+    box = plot.bounding_box()
+    j, first, last = tops[1]
+    x = (viewer.PLOT_AXES[0] + viewer.PLOT_AXES[2] * (j + 0.5) / 32) * box["width"]
+    plot.click(position={"x": x, "y": box["height"] * 0.5})
+    page.wait_for_function(f"document.querySelector('#slider-axial input[type=number]')?.value === "
+                           f"'{(first + last) // 2}'", timeout=30_000)
+    assert _axial_slice(page) == (first + last) // 2
+    page.screenshot(path=str(SCREENSHOTS / "5_med2e3_slice_scores.png"), full_page=True)

@@ -94,7 +94,8 @@ def pixel_to_voxel(view: str, index: int, xy: Sequence[int], shape: Sequence[int
 
 
 def score_plot(scores: np.ndarray, top: Sequence[int]) -> np.ndarray:
-    """Bars of Med-2E3's per-slice scores, the `top` slices in colour and labelled: RGB uint8 of `PLOT_SIZE`."""
+    """Bars of Med-2E3's per-slice scores, the `top` slices in colour and labelled, the score axis spanning the
+    scores rather than starting at 0: RGB uint8 of `PLOT_SIZE`."""
     # matplotlib costs ~0.5 s to import; only Med-2E3 answers draw this plot
     import matplotlib
 
@@ -109,6 +110,9 @@ def score_plot(scores: np.ndarray, top: Sequence[int]) -> np.ndarray:
         for j in top:
             axes.annotate(str(j), (j, scores[j]), ha="center", va="bottom", fontsize=7, color=TOP_COLOUR)
         axes.set_xlim(-0.5, len(scores) - 0.5)
+        low, high = float(np.min(scores)), float(np.max(scores))
+        if high - low > 1e-3 * high:  # near-uniform scores (a softmax over 32 slices) look equal from 0: zoom in
+            axes.set_ylim(max(0.0, low - 0.2 * (high - low)), high + 0.35 * (high - low))
         axes.set_xlabel("model slice (click a bar to show it in the axial viewer)", fontsize=8)
         axes.set_ylabel("text-guided score", fontsize=8)
         axes.tick_params(labelsize=7)
