@@ -40,6 +40,11 @@ class GenerateOutput(NamedTuple):
     lengths: jax.Array  # [B] generated tokens per row, EOS included
 
 
+PROMPT_BUCKET = 64
+"""Prompts for generation are left-padded to a multiple of this many tokens (`left_pad(..., multiple=)`): one
+compiled program per bucket, not per prompt length."""
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Token lists → (ids [B, P], attention_mask [B, P]) padded on the left, P the longest prompt rounded up
     to a multiple of `multiple` (a few prompt-length buckets: a jitted generate compiles once per bucket)."""

@@ -1,10 +1,10 @@
 """Answering questions about a volume with M3D-LaMed or Med-2E3, shared by `tools/infer.py` and the web app
 (`m3d_jax.app`): the model and its tokenizers loaded once (`Answerer`), a volume prepared once per upload
 (`Prepared`), prompts built as M3D-Bench builds them (`m3d_jax.eval.bench.lamed_prompt_batch`,
-`med2e3_prompt_batch`: tools/evaluate.py asks the same prompts) left-padded to a bucket of `PROMPT_BUCKET`
-tokens so questions of different lengths reuse one compiled program, and the answer mapped back to the
-input volume: boxes in voxels and mm, a [SEG] mask on the input grid, Med-2E3's slice scores with the input
-slices each model slice came from."""
+`med2e3_prompt_batch`: tools/evaluate.py asks the same prompts, left-padded to a bucket of
+`m3d_jax.generate.PROMPT_BUCKET` tokens so questions of different lengths reuse one compiled program), and
+the answer mapped back to the input volume: boxes in voxels and mm, a [SEG] mask on the input grid,
+Med-2E3's slice scores with the input slices each model slice came from."""
 
 from __future__ import annotations
 
@@ -19,9 +19,6 @@ import numpy as np
 from m3d_jax.data.volume import Geometry, Volume, check_channels, prepare
 from m3d_jax.render import panels
 
-PROMPT_BUCKET = 64
-"""Prompts are left-padded to a multiple of this many tokens: one compiled generate per bucket, not per
-question length."""
 TOP_SLICES = 5
 
 _BOX = re.compile(r"<bx_start>\s*\[([^\]]*)\]\s*<bx_end>")
@@ -213,7 +210,7 @@ class Answerer:
         from m3d_jax.eval.bench import lamed_prompt_batch
         from m3d_jax.models.lamed import generate_lamed
 
-        prompts = lamed_prompt_batch(self.tokenizer, self.model.config, [question], multiple=PROMPT_BUCKET)
+        prompts = lamed_prompt_batch(self.tokenizer, self.model.config, [question])
         out = generate_lamed(self.model, image[None], prompts.ids, attention_mask=prompts.mask,
                              config=prompts.sampling(sampling))
         text, raw = self._decode(out.tokens, int(out.lengths[0]))
@@ -226,7 +223,7 @@ class Answerer:
         from m3d_jax.models.med2e3 import generate_med2e3
 
         prompts = med2e3_prompt_batch(Med2E3Tokenizers(self.tokenizer, self.text_tokenizer), self.model.config,
-                                      [question], multiple=PROMPT_BUCKET)
+                                      [question])
         out = generate_med2e3(self.model, image[None], prompts.ids, prompts.question_ids, prompts.question_mask,
                               attention_mask=prompts.mask, config=prompts.sampling(sampling))
         text, raw = self._decode(out.tokens, int(out.lengths[0]))

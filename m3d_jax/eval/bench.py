@@ -11,7 +11,10 @@ caption prompt.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,7 +29,7 @@ from m3d_jax.data.prompts import CAPTION_PROMPTS
 from m3d_jax.data.volume import prepare_mask
 from m3d_jax.eval import metrics
 from m3d_jax.eval.retrieval import encode_pairs
-from m3d_jax.generate import SamplingConfig, left_pad
+from m3d_jax.generate import PROMPT_BUCKET, SamplingConfig, left_pad
 from m3d_jax.models.lamed import generate_lamed
 from m3d_jax.models.med2e3 import Med2E3, generate_med2e3
 
@@ -95,9 +98,10 @@ class PromptBatch:
         return dataclasses.replace(base, eos_token_ids=(self.eos_token_id,), pad_token_id=self.pad_token_id)
 
 
-def lamed_prompt_batch(tokenizer, config, questions: Sequence[str], multiple: int = 1) -> PromptBatch:
+def lamed_prompt_batch(tokenizer, config, questions: Sequence[str], multiple: int = PROMPT_BUCKET) -> PromptBatch:
     """M3D-LaMed prompts as the model is trained on them (`prompts.prompt_ids`: BOS, `proj_out_num` image
-    placeholders, the question), left-padded to a multiple of `multiple` tokens. The one LaMed prompt
+    placeholders, the question), left-padded to a multiple of `multiple` tokens (one compiled generate per
+    bucket of prompt lengths, across the batches of an evaluation). The one LaMed prompt
     builder: M3D-Bench here and `m3d_jax.inference` (tools/infer.py, the web app) use it."""
     prompts = [lamed_prompts.prompt_ids(tokenizer, q, proj_out_num=config.proj_out_num,
                                         image_token_id=config.image_token_id) for q in questions]
@@ -105,7 +109,8 @@ def lamed_prompt_batch(tokenizer, config, questions: Sequence[str], multiple: in
     return PromptBatch(ids, mask, tokenizer.pad_token_id, tokenizer.eos_token_id)
 
 
-def med2e3_prompt_batch(tokenizers, config, questions: Sequence[str], multiple: int = 1) -> PromptBatch:
+def med2e3_prompt_batch(tokenizers, config, questions: Sequence[str],
+                        multiple: int = PROMPT_BUCKET) -> PromptBatch:
     """Med-2E3 prompts (its chat template around the visual placeholders), left-padded to a multiple of
     `multiple` tokens, and the questions in BERT tokens for the text-guided slice scores. `tokenizers` is a
     `Med2E3Tokenizers`. The one Med-2E3 prompt builder, shared as `lamed_prompt_batch` is."""
@@ -148,43 +153,56 @@ def generate_answers(model, tokenizer, questions: Sequence[str], images: np.ndar
 
 
 def run_generation_task(task: str, model, tokenizer, records: Sequence[dict], settings: BenchSettings,
-                        embed: Callable | None = None) -> TaskResult:
+                        embed: Callable | None = None, answer: Callable | None = None) -> TaskResult:
     """Answers every record of a generation task with a LaMed or a Med-2E3 (then `tokenizer` is its
-    `Med2E3Tokenizers`) and scores the answers."""
+    `Med2E3Tokenizers`) and scores the answers. The next batch's volumes are read and prepared on reader threads
+    (one per core) while the model answers the current one. `answer(questions, images) -> (texts, seg_logits or None)`
+    replaces the LaMed's own answering (the evaluation bench runs the PyTorch model through this loop)."""
 
     with_mask = task in ("rec", "reg", "seg", "refseg")
     med2e3 = is_med2e3(model)
     if med2e3 and task not in MED2E3_TASKS:
         raise ValueError(f"a Med-2E3 cannot run {task}; it runs {', '.join(MED2E3_TASKS)}")
-    size = image_size(model)
-    samples: list[dict[str, Any]] = []
-    for begin in range(0, len(records), settings.batch_size):
+    if answer is None and not med2e3:
+        answer = functools.partial(generate_answers, model, tokenizer, settings=settings)
+    size, channels = image_size(model), _vision(model).in_channels
+
+    def read_batch(begin: int):  # the volumes of a batch, each read and prepared on a reader thread
         chunk = list(records[begin:begin + settings.batch_size])
         rows = len(chunk)
         chunk += chunk[-1:] * (settings.batch_size - rows)  # one compiled shape; padding rows are dropped
-        prepared = [_prepared(r, size, settings.window, with_mask, _vision(model).in_channels) for r in chunk]
-        pairs = [record_texts(r, mask, np.random.default_rng([settings.seed, begin + i]))
-                 for i, (r, (_, mask)) in enumerate(zip(chunk, prepared))]
-        questions = [CAPTION_PROMPTS[0] if task == "report" else q for q, _ in pairs]
-        images = np.stack([p[0] for p in prepared])
-        if med2e3:
-            texts, scores = generate_med2e3_answers(model, tokenizer, questions, images, settings)
-            seg_logits = None
-        else:
-            texts, seg_logits = generate_answers(model, tokenizer, questions, images, settings)
-        for row in range(rows):
-            sample = {"image": chunk[row]["image"], "question": questions[row], "reference": pairs[row][1],
-                      "output": texts[row]}
-            if med2e3:  # the slice of the model's input (depth index) that TG-IS weighted most
-                sample["top_slice"] = int(scores[row].argmax())
-                sample["top_slice_score"] = float(scores[row].max())
-            if task == "vqa_closed":
-                sample["answer_choice"] = chunk[row]["choice"]
-            if task in ("seg", "refseg"):
-                logits = seg_logits[row] if seg_logits is not None else np.full(prepared[row][1].shape, -np.inf)
-                sample["soft_dice"] = metrics.soft_dice(logits, prepared[row][1])
-                sample["dice"] = metrics.dice(logits, prepared[row][1])
-            samples.append(sample)
+        return rows, chunk, [readers.submit(_prepared, r, size, settings.window, with_mask, channels) for r in chunk]
+
+    samples: list[dict[str, Any]] = []
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as readers:
+        pending = read_batch(0) if records else None
+        for begin in range(0, len(records), settings.batch_size):
+            rows, chunk, futures = pending
+            prepared = [future.result() for future in futures]
+            if begin + settings.batch_size < len(records):
+                pending = read_batch(begin + settings.batch_size)
+            pairs = [record_texts(r, mask, np.random.default_rng([settings.seed, begin + i]))
+                     for i, (r, (_, mask)) in enumerate(zip(chunk, prepared))]
+            questions = [CAPTION_PROMPTS[0] if task == "report" else q for q, _ in pairs]
+            images = np.stack([p[0] for p in prepared])
+            if med2e3:
+                texts, scores = generate_med2e3_answers(model, tokenizer, questions, images, settings)
+                seg_logits = None
+            else:
+                texts, seg_logits = answer(questions, images)
+            for row in range(rows):
+                sample = {"image": chunk[row]["image"], "question": questions[row], "reference": pairs[row][1],
+                          "output": texts[row]}
+                if med2e3:  # the slice of the model's input (depth index) that TG-IS weighted most
+                    sample["top_slice"] = int(scores[row].argmax())
+                    sample["top_slice_score"] = float(scores[row].max())
+                if task == "vqa_closed":
+                    sample["answer_choice"] = chunk[row]["choice"]
+                if task in ("seg", "refseg"):
+                    logits = seg_logits[row] if seg_logits is not None else np.full(prepared[row][1].shape, -np.inf)
+                    sample["soft_dice"] = metrics.soft_dice(logits, prepared[row][1])
+                    sample["dice"] = metrics.dice(logits, prepared[row][1])
+                samples.append(sample)
     return TaskResult(task, samples, score(task, samples, embed))
 
 

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from absl import app, flags
+from timing import machine_line  # tools/bench/timing.py (the script's folder is on sys.path)
 
 _CASES = flags.DEFINE_integer("cases", 96, "Phantom volumes to write and read.")
 _WORKERS = flags.DEFINE_integer("workers", 2, "Reader processes for both pipelines.")
@@ -157,13 +158,9 @@ def _rate(make_iterator) -> float:
 
 
 def _platform() -> str:
-    import platform
-
     import jax
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return f"{cpu}, {os.cpu_count()} cores; jax {jax.__version__}; {time.strftime('%Y-%m-%d')}"
+    return f"{machine_line()}; jax {jax.__version__}"
 
 
 def main(argv):

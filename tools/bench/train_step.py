@@ -1,6 +1,7 @@
 """Training-step benchmark for any LaMed training config on the devices present: step time, tokens/s, MFU
-and HFU (model and hardware FLOPs of the step, m3d_jax/train/flops.py, against the chip's bf16 peak). On CPU it also times the same model's
-training step in PyTorch (MONAI ViT + transformers LLM, same weights, same batch, AdamW) and prints the ratio.
+and HFU (model and hardware FLOPs of the step, m3d_jax/train/flops.py, against the chip's bf16 peak). On CPU
+it also times the same model's training step in PyTorch (MONAI ViT + transformers LLM, same weights, same
+batch, AdamW), the two steps interleaved, and prints the ratio.
 
   python tools/bench/train_step.py --config=configs/demo.py --config.mesh.data=1 --config.mesh.fsdp=1 \\
       --config.mesh.tensor=1 --config.cpu_devices=0
@@ -14,7 +15,7 @@ import tempfile
 
 from absl import app, flags
 from ml_collections import config_flags
-from timing import median_seconds  # tools/bench/timing.py (the script's folder is on sys.path)
+from timing import interleaved_medians, machine_line  # tools/bench/timing.py (on sys.path)
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "training config", lock_config=False)
 _REPEATS = flags.DEFINE_integer("repeats", 5, "timed steps (median)")
@@ -36,11 +37,12 @@ def _batch(config, run, rng):
                 image_starts=np.ones(size, np.int32))
 
 
-def _time_jax(config, run, batch):
+def _jax_step(run, batch):
+    """(one blocking training step, its FLOPs)."""
     import jax
 
     from m3d_jax.data.pipeline import to_global_arrays
-    from m3d_jax.train.flops import peak_flops, step_flops, utilisation
+    from m3d_jax.train.flops import step_flops
     from m3d_jax.train.trainer import compiled_step, task_step
 
     graphdef, state, step = compiled_step(run)
@@ -55,10 +57,7 @@ def _time_jax(config, run, batch):
         holder["state"], metrics = step(holder["state"], arrays, key)
         jax.block_until_ready(metrics["loss"])
 
-    seconds = median_seconds(one_step, _REPEATS.value)
-    peak = peak_flops(override=config.get("peak_flops_per_device", 0.0))
-    return seconds, flops, [utilisation(count, seconds, jax.device_count(), peak)
-                            for count in (flops.model, flops.hardware)]
+    return one_step, flops
 
 
 def _torch_model(run):
@@ -71,7 +70,8 @@ def _torch_model(run):
         return TorchLamed.from_folder(folder).train()
 
 
-def _time_torch(model, batch):
+def _torch_step(model, batch):
+    """One blocking PyTorch training step (AdamW) of the same model on the same batch."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -92,7 +92,7 @@ def _time_torch(model, batch):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return median_seconds(one_step, _REPEATS.value)
+    return one_step
 
 
 def main(argv):
@@ -104,6 +104,7 @@ def main(argv):
     import jax
     import numpy as np
 
+    from m3d_jax.train.flops import peak_flops, utilisation
     from m3d_jax.train.trainer import setup
 
     run = setup(config)
@@ -112,7 +113,15 @@ def main(argv):
     device = jax.devices()[0]
     use_torch = _TORCH.value == "yes" or (_TORCH.value == "auto" and device.platform == "cpu")
     torch_model = _torch_model(run) if use_torch else None
-    seconds, flops, utilisations = _time_jax(config, run, batch)
+    jax_step, flops = _jax_step(run, batch)
+    steps = {"jax": jax_step}
+    if torch_model is not None:
+        steps["torch"] = _torch_step(torch_model, batch)
+    timed = interleaved_medians(steps, _REPEATS.value)
+    seconds = timed["jax"]
+    peak = peak_flops(override=config.get("peak_flops_per_device", 0.0))
+    utilisations = [utilisation(count, seconds, jax.device_count(), peak) for count in (flops.model, flops.hardware)]
+    print(f"{machine_line()}; jax {jax.__version__}")
     print(f"{device.platform} {device.device_kind} × {jax.device_count()}, mesh {dict(run.mesh.shape)}, "
           f"batch {config.data.batch_size} × {config.data.max_length} tokens, training {', '.join(config.trainable)}")
     line = f"JAX step {seconds * 1e3:.1f} ms, {tokens / seconds:.0f} tokens/s"
@@ -126,9 +135,9 @@ def main(argv):
     if torch_model is not None:
         if jax.device_count() > 1:
             print("note: JAX ran on", jax.device_count(), "devices; compare on mesh 1×1×1 for a like-for-like ratio")
-        torch_seconds = _time_torch(torch_model, batch)
+        torch_seconds = timed["torch"]
         print(f"PyTorch step {torch_seconds * 1e3:.1f} ms, {tokens / torch_seconds:.0f} tokens/s; "
-              f"JAX is {torch_seconds / seconds:.2f}× PyTorch")
+              f"JAX is {torch_seconds / seconds:.2f}× PyTorch (interleaved steps, medians)")
 
 
 if __name__ == "__main__":

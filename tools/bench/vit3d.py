@@ -16,7 +16,7 @@ import os
 import tempfile
 
 from absl import app, flags
-from timing import median_seconds  # tools/bench/timing.py (the script's folder is on sys.path)
+from timing import interleaved_medians, machine_line, median_seconds  # tools/bench/timing.py (on sys.path)
 
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "2"], "Batch sizes to time.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per measurement (median reported).")
@@ -52,9 +52,6 @@ def _layer_parts(config, jax, jnp, np, torch, repeats: int) -> None:
     """One layer's time by part at the config's size, batch 1, interleaved JAX / torch runs (medians): the
     linear layers (qkv, out, MLP), attention (this project's `attend` against torch's SDPA, a fused CPU
     kernel; MONAI's ViT computes attention with explicit einsums instead), and LayerNorm + GELU."""
-    import statistics
-    import time
-
     from m3d_jax.layers.attention import attend
 
     tokens, width, mlp, heads = config.num_tokens, config.hidden_size, config.mlp_dim, config.num_heads
@@ -85,21 +82,15 @@ def _layer_parts(config, jax, jnp, np, torch, repeats: int) -> None:
             lambda: norm_gelu(j["x"], j["h"]),
             lambda: (functional.layer_norm(t["x"], (width,)), functional.gelu(t["h"]))),
     }
-    times = {name: ([], []) for name in parts}
-    for ours, _ in parts.values():
-        jax.block_until_ready(ours())
+    calls = {}
+    for name, (ours, theirs) in parts.items():
+        calls[(name, "jax")] = lambda ours=ours: jax.block_until_ready(ours())
+        calls[(name, "torch")] = theirs
     with torch.inference_mode():
-        for _ in range(repeats):
-            for name, (ours, theirs) in parts.items():
-                start = time.perf_counter()
-                jax.block_until_ready(ours())
-                times[name][0].append(time.perf_counter() - start)
-                start = time.perf_counter()
-                theirs()
-                times[name][1].append(time.perf_counter() - start)
+        timed = interleaved_medians(calls, repeats)
     print(f"one layer by part ({tokens} tokens, width {width}, {heads} heads, batch 1, fp32):")
-    for name, (ours, theirs) in times.items():
-        ours, theirs = statistics.median(ours), statistics.median(theirs)
+    for name in parts:
+        ours, theirs = timed[(name, "jax")], timed[(name, "torch")]
         print(f"  {name:24s} jax {ours * 1e3:7.1f} ms  torch {theirs * 1e3:7.1f} ms  torch/jax {theirs / ours:5.2f}")
 
 
@@ -123,8 +114,8 @@ def main(argv):
     if device == "cpu":
         torch.set_num_threads(os.cpu_count())
     config = ViT3DConfig(image_size=tuple(int(s) for s in _IMAGE_SIZE.value), dtype=_DTYPE.value)
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}); torch "
-          f"{torch.__version__} on {device}, {torch.get_num_threads()} threads; {os.cpu_count()} CPU cores")
+    print(f"{machine_line()}; jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}); "
+          f"torch {torch.__version__} on {device}, {torch.get_num_threads()} threads")
 
     torch.manual_seed(0)
     reference = ViT(in_channels=1, img_size=config.image_size, patch_size=config.patch_size,
@@ -156,8 +147,9 @@ def main(argv):
         images = np.random.default_rng(batch).random((batch, 1, *config.image_size), dtype=np.float32)
         jax_images = jnp.asarray(images)
         torch_images = torch.from_numpy(images).to(device)
-        jax_time = median_seconds(lambda: encode(state, jax_images).block_until_ready(), _REPEATS.value)
-        torch_time = median_seconds(lambda: torch_features(torch_images), _REPEATS.value)
+        timed = interleaved_medians({"jax": lambda: encode(state, jax_images).block_until_ready(),
+                                     "torch": lambda: torch_features(torch_images)}, _REPEATS.value)
+        jax_time, torch_time = timed["jax"], timed["torch"]
         ours = np.asarray(encode(state, jax_images), np.float32)
         ref = torch_features(torch_images).float().cpu().numpy()
         flops = _analytic_flops(config, batch)  # XLA's cost analysis does not count loop trip counts

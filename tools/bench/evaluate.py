@@ -1,0 +1,89 @@
+"""Closed-VQA evaluation throughput: `tools/evaluate.py`'s loop (`m3d_jax.eval.bench.run_generation_task`) vs
+the same loop in PyTorch (the exported checkpoint in `TorchLamed`: MONAI ViT + projector splice + transformers
+`generate`), on the same records, prompts and prepared volumes, greedy, same batch size.
+
+JAX is timed twice: the first pass includes compilation (one program per prompt-length bucket and batch
+shape), the second reuses it. Answers per second are printed with the ratio to PyTorch and how many answers
+agree.
+
+  python tools/bench/evaluate.py --ckpt=runs/demo/pytorch [--samples=64 --batch_size=8 --layout=phantoms]
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+
+from absl import app, flags
+from timing import machine_line  # tools/bench/timing.py (on sys.path)
+
+_CKPT = flags.DEFINE_string("ckpt", "runs/demo/pytorch", "LaMed checkpoint folder (the demo's export).")
+_LAYOUT = flags.DEFINE_enum("layout", "phantoms", ["phantoms", "m3d"], "configs/bench.py layout of the data.")
+_DATA = flags.DEFINE_string("data", None, "Data root (default: the layout's).")
+_SAMPLES = flags.DEFINE_integer("samples", 64, "Closed-VQA samples.")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Samples per decoding batch.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Longest answer in tokens.")
+
+
+def _bench_config(layout: str):
+    spec = importlib.util.spec_from_file_location(
+        "bench_config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs", "bench.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(layout)
+
+
+def main(argv):
+    del argv
+    import jax
+    import numpy as np
+    import torch
+
+    from m3d_jax.data.pipeline import build_source
+    from m3d_jax.eval import bench
+    from m3d_jax.inference import Answerer
+    from m3d_jax.parity.torch_reference import TorchLamed
+
+    torch.set_num_threads(os.cpu_count())
+    print(f"{machine_line()}; jax {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__}")
+    bench_config = _bench_config(_LAYOUT.value)
+    root = _DATA.value or bench_config.root
+    records = build_source(dict(bench_config.tasks["vqa_closed"]), root).records[: _SAMPLES.value]
+    answerer = Answerer.load(_CKPT.value)
+    if answerer.kind != "lamed":
+        raise SystemExit(f"--ckpt {_CKPT.value}: a {answerer.kind} checkpoint; this bench takes a LaMed")
+    model, tokenizer = answerer.model, answerer.tokenizer
+    settings = bench.BenchSettings(batch_size=_BATCH.value, max_new_tokens=_MAX_NEW.value)
+    reference = TorchLamed.from_folder(_CKPT.value)
+
+    def torch_answers(questions, images):
+        prompts = bench.lamed_prompt_batch(tokenizer, model.config, questions, multiple=1)
+        with torch.inference_mode():
+            embeds = reference.embed(torch.from_numpy(images), torch.from_numpy(prompts.ids).long())
+            tokens = reference.llm.generate(
+                inputs_embeds=embeds, attention_mask=torch.from_numpy(prompts.mask).long(),
+                max_new_tokens=_MAX_NEW.value, do_sample=False, eos_token_id=prompts.eos_token_id,
+                pad_token_id=prompts.pad_token_id)
+        return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in tokens.numpy()], None
+
+    timed = {}
+    for name, answer in (("jax, first pass (compiles)", None), ("jax", None), ("pytorch", torch_answers)):
+        start = time.perf_counter()
+        result = bench.run_generation_task("vqa_closed", model, tokenizer, records, settings, answer=answer)
+        timed[name] = (time.perf_counter() - start, result)
+    count = len(records)
+    print(f"closed VQA, {count} samples, batch {_BATCH.value}, checkpoint {_CKPT.value}")
+    for name, (seconds, result) in timed.items():
+        accuracy = ", ".join(f"{k} {v:.1f}" for k, v in result.metrics.items())
+        print(f"  {name:28s} {seconds:7.2f} s  {count / seconds:6.2f} answers/s  ({accuracy})")
+    jax_outputs = [s["output"] for s in timed["jax"][1].samples]
+    torch_outputs = [s["output"] for s in timed["pytorch"][1].samples]
+    agree = np.mean([a == b for a, b in zip(jax_outputs, torch_outputs)])
+    print(f"JAX is {timed['pytorch'][0] / timed['jax'][0]:.2f}x PyTorch (warm), "
+          f"{timed['pytorch'][0] / timed['jax, first pass (compiles)'][0]:.2f}x counting compilation; "
+          f"answers identical: {agree:.0%}")
+
+
+if __name__ == "__main__":
+    app.run(main)
