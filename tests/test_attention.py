@@ -1,6 +1,7 @@
 """`attend` against torch's scaled_dot_product_attention (an independent implementation): the CPU path
-(heads-first products in query blocks, one batch row at a time) with masks, grouped-query heads, causal
-masking and gradients, and the per-platform choice made when lowering."""
+(heads-first products in query blocks, one batch row at a time; one query against a cache in its own
+layout) with masks, grouped-query heads, causal masking and gradients, and the per-platform choice made
+when lowering."""
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,11 @@ CASES = {
     "grouped-query, padding mask": dict(batch=2, length=33, heads=6, kv_heads=2, mask="padding", query_chunk=8),
     "per-head mask": dict(batch=2, length=24, heads=4, kv_heads=4, mask="per_head", query_chunk=8),
     "causal": dict(batch=2, length=37, heads=4, kv_heads=2, mask="causal", query_chunk=16),
+    "one query against a heads-first cache (decoding), grouped-query, padding mask": dict(
+        batch=3, length=1, keys=29, heads=6, kv_heads=2, mask="padding", kv_heads_first=True),
+    "one query, per-head mask": dict(batch=2, length=1, keys=20, heads=4, kv_heads=4, mask="per_head"),
+    "prefill into a heads-first cache": dict(batch=2, length=12, keys=20, heads=4, kv_heads=2, mask="padding",
+                                             kv_heads_first=True),
 }
 
 
@@ -32,20 +38,25 @@ CASES = {
 def test_attend_matches_torch_sdpa_outputs_and_gradients(case, rng):
     spec = CASES[case]
     batch, length, heads, kv_heads = spec["batch"], spec["length"], spec["heads"], spec["kv_heads"]
+    keys = spec.get("keys", length)
     q = rng.standard_normal((batch, length, heads, 16), dtype=np.float32)
-    k, v = (rng.standard_normal((batch, length, kv_heads, 16), dtype=np.float32) for _ in range(2))
+    k, v = (rng.standard_normal((batch, keys, kv_heads, 16), dtype=np.float32) for _ in range(2))
     mask, is_causal = None, spec["mask"] == "causal"
     if spec["mask"] == "padding":  # left padding: the first keys of row 0 hold no token
-        mask = np.ones((batch, 1, length, length), bool)
+        mask = np.ones((batch, 1, length, keys), bool)
         mask[0, ..., :5] = False
     elif spec["mask"] == "per_head":
-        mask = rng.random((batch, heads, length, length)) < 0.7
+        mask = rng.random((batch, heads, length, keys)) < 0.7
         mask[..., 0] = True  # no fully masked row (torch gives NaN there)
     weights = rng.standard_normal((batch, length, heads, 16), dtype=np.float32)
 
+    heads_first = spec.get("kv_heads_first", False)
+
     def loss(q, k, v):
+        if heads_first:  # [B, K, S, H], as a KV cache holds them
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         out = attend(q, k, v, mask=None if mask is None else jnp.asarray(mask), is_causal=is_causal, scale=0.3,
-                     query_chunk=spec.get("query_chunk", -1))
+                     query_chunk=spec.get("query_chunk", -1), kv_heads_first=heads_first)
         return jnp.sum(out * weights), out
 
     (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)

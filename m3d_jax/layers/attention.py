@@ -63,6 +63,7 @@ def attend(
     scale: float | None = None,
     implementation: AttentionImpl = "auto",
     query_chunk: int = -1,
+    kv_heads_first: bool = False,
 ) -> jax.Array:
     """Scaled dot-product attention on [B, T, N, H] tensors (K/V may have fewer heads: grouped-query).
 
@@ -72,6 +73,7 @@ def attend(
     query_chunk: attend queries in blocks of this many (0 = one block; -1 = auto: 128 on CPU for sequences
       of 1024 and more, one block elsewhere).
     mask: boolean, broadcastable to [B, N, T_q, T_k].
+    kv_heads_first: key and value are [B, K, S, H] (a KV cache's layout: the CPU path reads it as it is).
     """
     if implementation not in ("auto", "xla", "cudnn"):
         raise ValueError(f"attention implementation must be auto, xla or cudnn, got {implementation!r}")
@@ -81,16 +83,21 @@ def attend(
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     length = query.shape[1]
     if is_causal:
-        causal = jnp.tril(jnp.ones((length, key.shape[1]), bool))
+        causal = jnp.tril(jnp.ones((length, key.shape[2 if kv_heads_first else 1]), bool))
         mask = causal if mask is None else mask & causal
     auto = query_chunk < 0
     block = 0 if auto else query_chunk
-    library = functools.partial(_library_attention, scale=scale, implementation=impl, block=block)
+
+    def library(query, key, value, mask):
+        if kv_heads_first:
+            key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
+        return _library_attention(query, key, value, mask, scale=scale, implementation=impl, block=block)
+
     with jax.named_scope(CAUSAL_SCOPE if is_causal else ATTENTION_SCOPE):
         if impl == "cudnn" or _PLAIN_XLA.get():
             return library(query, key, value, mask)
         cpu_block = (_CPU_QUERY_BLOCK if length >= _CPU_BLOCK_MIN_LENGTH else 0) if auto else block
-        explicit = functools.partial(_explicit_attention, scale=scale, block=cpu_block)
+        explicit = functools.partial(_explicit_attention, scale=scale, block=cpu_block, kv_heads_first=kv_heads_first)
         return jax.lax.platform_dependent(query, key, value, mask, cpu=explicit, default=library)
 
 
@@ -129,15 +136,17 @@ def _library_attention(query, key, value, mask, *, scale: float, implementation:
     return _query_blocks(attend_block, query, mask, block, axis=1)
 
 
-def _explicit_attention(query, key, value, mask, *, scale: float, block: int) -> jax.Array:
+def _explicit_attention(query, key, value, mask, *, scale: float, block: int, kv_heads_first: bool) -> jax.Array:
     """Attention as explicit products on heads-first [B, K, G, T, H] tensors (G query heads per key head), in
     query blocks. The softmax is normalised after the value product (one pass less over the scores); scores
     and softmax are fp32, as in `dot_product_attention`, and masked scores get its large negative value."""
     batch, length, heads, head_dim = query.shape
-    kv_heads = key.shape[2]
+    if not kv_heads_first:
+        key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
+    keys, values = key, value  # [B, K, S, H]
+    kv_heads = keys.shape[1]
     groups = heads // kv_heads
     grouped_query = query.reshape(batch, length, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)  # [B,K,G,T,H]
-    keys, values = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)  # [B, K, S, H]
     if mask is not None:
         mask = jnp.asarray(mask)
         mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
@@ -214,7 +223,7 @@ class FusedSelfAttention(nnx.Module):
 class KVCache(NamedTuple):
     """Preallocated keys/values of every layer plus which slots hold real tokens.
 
-    key, value: [L, B, S, kv_heads, head_dim], or a tuple of L arrays [B, S, kv_heads, head_dim] (for
+    key, value: [L, B, kv_heads, S, head_dim], or a tuple of L arrays [B, kv_heads, S, head_dim] (for
     decoding with unstacked layers: each layer updates its own buffer in place); valid: [B, S] bool;
     index: int32 scalar, the next slot to write (all rows write the same slot: prompts are left-padded).
     """
@@ -230,10 +239,10 @@ class KVCache(NamedTuple):
     ) -> KVCache:
         valid, index = jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32)
         if per_layer:
-            shape = (batch, slots, kv_heads, head_dim)
+            shape = (batch, kv_heads, slots, head_dim)
             buffers = tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
             return cls(buffers, tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)), valid, index)
-        shape = (num_layers, batch, slots, kv_heads, head_dim)
+        shape = (num_layers, batch, kv_heads, slots, head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), valid, index)
 
 
@@ -287,20 +296,20 @@ class CausalSelfAttention(nnx.Module):
         cache_index: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """x [B, T, D]; mask [B, 1, T, S] over the keys (S = T without cache, cache slots with one).
-        With `cache` = (key, value) [B, S, K, H], the new keys/values are written at `cache_index`."""
+        With `cache` = (key, value) [B, K, S, H] (heads first, as transformers' caches: a decoding step reads
+        it without a transpose), the new keys/values are written at `cache_index`."""
         query = apply_rope(self.q_proj(x), cos, sin)
         key = apply_rope(self.k_proj(x), cos, sin)
         value = self.v_proj(x)
         if cache is not None:
             cached_key, cached_value = cache
-            key = jax.lax.dynamic_update_slice_in_dim(cached_key, key.astype(cached_key.dtype), cache_index, axis=1)
-            value = jax.lax.dynamic_update_slice_in_dim(
-                cached_value, value.astype(cached_value.dtype), cache_index, axis=1
-            )
+            key, value = (jax.lax.dynamic_update_slice_in_dim(cached, new.transpose(0, 2, 1, 3).astype(cached.dtype),
+                                                              cache_index, axis=2)
+                          for cached, new in ((cached_key, key), (cached_value, value)))
             cache = (key, value)
         with jax.named_scope(CAUSAL_SCOPE):
             context = attend(
                 query, key.astype(query.dtype), value.astype(query.dtype), mask=mask, scale=self.head_dim**-0.5,
-                implementation=self.implementation, query_chunk=0,
+                implementation=self.implementation, query_chunk=0, kv_heads_first=cache is not None,
             )
         return self.o_proj(context), cache

@@ -2,7 +2,8 @@
 transformers `generate` in PyTorch, same weights, same machine, same process.
 
 Default: a Phi-3-shaped model of ~106 M parameters (Phi-3 vocabulary, width 768, 8 layers), a 300-token
-prompt and 64 new tokens at batch 1, fp32.
+prompt and 64 new tokens at batch 1, fp32. With --batch > 1 the prompts differ in length (up to 39 tokens
+shorter) and are left-padded, as in evaluation. JAX and torch runs are interleaved; medians are reported.
 
   python tools/bench/decode.py [--prompt_len=300 --new_tokens=64 --batch=1 --layers=8]
 """
@@ -14,7 +15,7 @@ import tempfile
 import time
 
 from absl import app, flags
-from timing import median_seconds  # tools/bench/timing.py (the script's folder is on sys.path)
+from timing import interleaved_medians, machine_line  # tools/bench/timing.py (on sys.path)
 
 _PROMPT = flags.DEFINE_integer("prompt_len", 300, "Prompt tokens.")
 _NEW = flags.DEFINE_integer("new_tokens", 64, "Generated tokens.")
@@ -33,7 +34,7 @@ def main(argv):
     from transformers import Phi3Config, Phi3ForCausalLM
 
     from m3d_jax.convert import read_released
-    from m3d_jax.generate import SamplingConfig, generate
+    from m3d_jax.generate import SamplingConfig, generate, left_pad
 
     torch.set_num_threads(os.cpu_count())
     hf_config = Phi3Config(vocab_size=32064, hidden_size=768, intermediate_size=2048, num_hidden_layers=_LAYERS.value,
@@ -48,36 +49,42 @@ def main(argv):
         reference.save_pretrained(tmp)
         model, _ = read_released(tmp, expect="decoder")
     num_params = sum(p.numel() for p in reference.parameters())
+    print(machine_line())
     print(f"Phi-3-shaped decoder: {num_params / 1e6:.1f} M params, {_LAYERS.value} layers; prompt {_PROMPT.value}, "
           f"{_NEW.value} new tokens, batch {_BATCH.value}; jax {jax.__version__} on {jax.devices()[0].platform}, "
           f"torch {torch.__version__} with {torch.get_num_threads()} threads")
 
-    ids = np.random.default_rng(0).integers(3, 32000, (_BATCH.value, _PROMPT.value)).astype(np.int32)
+    # Rows of a batch get prompts up to 39 tokens shorter than --prompt_len, left-padded as in evaluation.
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 32000, _PROMPT.value - (row * 13) % 40) for row in range(_BATCH.value)]
+    ids, mask = left_pad(prompts, 32000)
     sampling = SamplingConfig(max_new_tokens=_NEW.value, eos_token_ids=())
     start = time.perf_counter()
-    jax_tokens = np.asarray(generate(model, ids, config=sampling).tokens)
+    jax_tokens = np.asarray(generate(model, ids, attention_mask=mask, config=sampling).tokens)
     compile_time = time.perf_counter() - start
-    jax_total = median_seconds(lambda: generate(model, ids, config=sampling).tokens.block_until_ready(), _REPEATS.value)
-
     graphdef, state = nnx.split(model)
 
     @jax.jit
-    def prefill(state, ids):
+    def prefill(state, ids, mask):
         decoder = nnx.merge(graphdef, state)
         cache = decoder.init_cache(ids.shape[0], ids.shape[1] + _NEW.value)
-        positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
-        return decoder(ids, position_ids=positions, cache=cache, logits_at=-1).logits
+        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+        return decoder(ids, attention_mask=mask, position_ids=positions, cache=cache, logits_at=-1).logits
 
-    jax_ids = jnp.asarray(ids)
-    prefill(state, jax_ids).block_until_ready()
-    jax_prefill = median_seconds(lambda: prefill(state, jax_ids).block_until_ready(), _REPEATS.value)
-
-    torch_ids = torch.from_numpy(ids).long()
-    kwargs = dict(max_new_tokens=_NEW.value, min_new_tokens=_NEW.value, do_sample=False, pad_token_id=32000)
+    jax_ids, jax_mask = jnp.asarray(ids), jnp.asarray(mask)
+    torch_ids, torch_mask = torch.from_numpy(ids).long(), torch.from_numpy(mask).long()
+    kwargs = dict(attention_mask=torch_mask, max_new_tokens=_NEW.value, min_new_tokens=_NEW.value, do_sample=False,
+                  pad_token_id=32000)
     with torch.inference_mode():
-        torch_tokens = reference.generate(torch_ids, **kwargs)[:, _PROMPT.value:].numpy()
-        torch_total = median_seconds(lambda: reference.generate(torch_ids, **kwargs), _REPEATS.value)
-        torch_prefill = median_seconds(lambda: reference(torch_ids, use_cache=True), _REPEATS.value)
+        torch_tokens = reference.generate(torch_ids, **kwargs)[:, ids.shape[1]:].numpy()
+        timed = interleaved_medians({
+            "jax": lambda: generate(model, ids, attention_mask=mask, config=sampling).tokens.block_until_ready(),
+            "torch": lambda: reference.generate(torch_ids, **kwargs),
+            "jax prefill": lambda: prefill(state, jax_ids, jax_mask).block_until_ready(),
+            "torch prefill": lambda: reference(torch_ids, attention_mask=torch_mask, use_cache=True)},
+            _REPEATS.value)
+    jax_total, torch_total, jax_prefill, torch_prefill = (
+        timed[name] for name in ("jax", "torch", "jax prefill", "torch prefill"))
 
     new = _BATCH.value * _NEW.value
     rows = [("jax", jax_total, jax_prefill), ("torch", torch_total, torch_prefill)]
