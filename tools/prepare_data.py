@@ -6,7 +6,10 @@ its mask, text fields and source; augmentation and tokenization stay online. Tra
   python tools/prepare_data.py --config=configs/data_m3d.py --config.root=/data/M3D-Data --out=/data/m3d-shards
   python tools/prepare_data.py --config=configs/demo.py --image_size=32,64,64 --out=data/phantom_shards
 
---config takes a data config or a training config (its data sources and its eval sources). --out may be a
+  python tools/prepare_data.py --config=configs/bench.py:phantoms --image_size=32,64,64 --out=data/bench_shards
+
+--config takes a data config, a training config (its data sources and its eval sources) or a bench config
+(the sources of its tasks, for `tools/evaluate.py --shards`). --out may be a
 folder or an fsspec URL (gs://, s3://). Rerunning after an interruption keeps the finished shards.
 """
 
@@ -22,7 +25,8 @@ from ml_collections import config_flags
 from m3d_jax.cli import run, volume_size
 from m3d_jax.data.phantoms import ensure_phantoms
 from m3d_jax.data.shard_writer import prepare_shards
-from m3d_jax.data.shards import STORAGE, Settings
+from m3d_jax.data.pipeline import SOURCES
+from m3d_jax.data.shards import STORAGE, Settings, source_key
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/data_m3d.py", "Data or training config.",
                                           lock_config=False)
@@ -47,7 +51,10 @@ def main(argv):
     del argv
     config = _CONFIG.value
     data = config.data if "data" in config else config
-    entries = list(data.sources) + (list(config.eval.get("sources", [])) if "eval" in config else [])
+    if "tasks" in config:  # a bench config (configs/bench.py[:layout]): the sources its tasks read, once each
+        entries = list({source_key(dict(e), SOURCES[e["kind"]][1]): dict(e) for e in config.tasks.values()}.values())
+    else:
+        entries = list(data.sources) + (list(config.eval.get("sources", [])) if "eval" in config else [])
     ensure_phantoms(data)
     window = data.get("window")
     settings = Settings(volume_size(_SIZE.value, "image_size"), tuple(window) if window else None,

@@ -20,13 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from m3d_jax.data import med2e3_samples
+from m3d_jax.data import med2e3_samples, shards
 from m3d_jax.data import prompts as lamed_prompts
 from m3d_jax.data.clip_samples import text_ids
 from m3d_jax.data.lamed_samples import record_texts
-from m3d_jax.data.prepared import load_record_mask, prepare_image
+from m3d_jax.data.pipeline import SOURCES
+from m3d_jax.data.prepared import prepare_record
 from m3d_jax.data.prompts import CAPTION_PROMPTS
-from m3d_jax.data.volume import prepare_mask
 from m3d_jax.eval import metrics
 from m3d_jax.eval.retrieval import encode_pairs
 from m3d_jax.generate import PROMPT_BUCKET, SamplingConfig, left_pad
@@ -57,18 +57,24 @@ class TaskResult:
     metrics: dict[str, float]  # reference and standard metrics (percent)
 
 
-def _prepared(record: dict, image_size, window, with_mask: bool, channels: int | None = None):
-    image, geometry, shape = prepare_image(record["image"], image_size, window, channels)
-    mask = prepare_mask(load_record_mask(record, shape), geometry) if with_mask else None
-    return image, mask
-
-
 def is_med2e3(model) -> bool:
     return isinstance(model, Med2E3)
 
 
 def _vision(model):
     return model.config.vision3d.vision if is_med2e3(model) else model.config.vision
+
+
+def in_channels(model) -> int:
+    """The channels of the volumes the model takes."""
+    return _vision(model).in_channels
+
+
+def shard_records(root: str, entry: dict, model, window: tuple[float, float] | None = None):
+    """A bench source's records from the prepared shard set at `root` (`tools/prepare_data.py`), volumes and
+    masks prepared for `model`'s input (the set's preparation is checked against it)."""
+    needed = shards.Settings(tuple(image_size(model)), window, in_channels(model))
+    return shards.open_source(root, entry, SOURCES[entry["kind"]][1], needed)
 
 
 def image_size(model) -> tuple[int, int, int]:
@@ -155,23 +161,24 @@ def generate_answers(model, tokenizer, questions: Sequence[str], images: np.ndar
 def run_generation_task(task: str, model, tokenizer, records: Sequence[dict], settings: BenchSettings,
                         embed: Callable | None = None, answer: Callable | None = None) -> TaskResult:
     """Answers every record of a generation task with a LaMed or a Med-2E3 (then `tokenizer` is its
-    `Med2E3Tokenizers`) and scores the answers. The next batch's volumes are read and prepared on reader threads
-    (one per core) while the model answers the current one. `answer(questions, images) -> (texts, seg_logits or None)`
-    replaces the LaMed's own answering (the evaluation bench runs the PyTorch model through this loop)."""
+    `Med2E3Tokenizers`) and scores the answers. `records`: raw records, or a prepared shard source
+    (`data.shards.open_source`) whose volumes and masks come prepared. The next batch's volumes are read and
+    prepared on reader threads (one per core) while the model answers the current one.
+    `answer(questions, images) -> (texts, seg_logits or None)` replaces the LaMed's own answering (the
+    evaluation bench runs the PyTorch model through this loop)."""
 
-    with_mask = task in ("rec", "reg", "seg", "refseg")
     med2e3 = is_med2e3(model)
     if med2e3 and task not in MED2E3_TASKS:
         raise ValueError(f"a Med-2E3 cannot run {task}; it runs {', '.join(MED2E3_TASKS)}")
     if answer is None and not med2e3:
         answer = functools.partial(generate_answers, model, tokenizer, settings=settings)
-    size, channels = image_size(model), _vision(model).in_channels
+    size, channels = image_size(model), in_channels(model)
 
     def read_batch(begin: int):  # the volumes of a batch, each read and prepared on a reader thread
-        chunk = list(records[begin:begin + settings.batch_size])
+        chunk = [records[i] for i in range(begin, min(begin + settings.batch_size, len(records)))]
         rows = len(chunk)
         chunk += chunk[-1:] * (settings.batch_size - rows)  # one compiled shape; padding rows are dropped
-        return rows, chunk, [readers.submit(_prepared, r, size, settings.window, with_mask, channels) for r in chunk]
+        return rows, chunk, [readers.submit(prepare_record, r, size, settings.window, channels) for r in chunk]
 
     samples: list[dict[str, Any]] = []
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as readers:

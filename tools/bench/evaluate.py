@@ -7,6 +7,7 @@ shape), the second reuses it. Answers per second are printed with the ratio to P
 agree.
 
   python tools/bench/evaluate.py --ckpt=runs/demo/pytorch [--samples=64 --batch_size=8 --layout=phantoms]
+  python tools/bench/evaluate.py --ckpt=runs/demo/pytorch --shards=data/bench_shards   # volumes prepared once
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from timing import machine_line  # tools/bench/timing.py (on sys.path)
 _CKPT = flags.DEFINE_string("ckpt", "runs/demo/pytorch", "LaMed checkpoint folder (the demo's export).")
 _LAYOUT = flags.DEFINE_enum("layout", "phantoms", ["phantoms", "m3d"], "configs/bench.py layout of the data.")
 _DATA = flags.DEFINE_string("data", None, "Data root (default: the layout's).")
+_SHARDS = flags.DEFINE_string("shards", None, "Read the volumes prepared from this shard set (tools/prepare_data.py "
+                               "--config=configs/bench.py:phantoms) instead of the NIfTI files.")
 _SAMPLES = flags.DEFINE_integer("samples", 64, "Closed-VQA samples.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Samples per decoding batch.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Longest answer in tokens.")
@@ -47,13 +50,15 @@ def main(argv):
 
     torch.set_num_threads(os.cpu_count())
     print(f"{machine_line()}; jax {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__}")
-    bench_config = _bench_config(_LAYOUT.value)
-    root = _DATA.value or bench_config.root
-    records = build_source(dict(bench_config.tasks["vqa_closed"]), root).records[: _SAMPLES.value]
     answerer = Answerer.load(_CKPT.value)
     if answerer.kind != "lamed":
         raise SystemExit(f"--ckpt {_CKPT.value}: a {answerer.kind} checkpoint; this bench takes a LaMed")
     model, tokenizer = answerer.model, answerer.tokenizer
+    bench_config = _bench_config(_LAYOUT.value)
+    root = _DATA.value or bench_config.root
+    entry = dict(bench_config.tasks["vqa_closed"])
+    source = bench.shard_records(_SHARDS.value, entry, model) if _SHARDS.value else build_source(entry, root).records
+    records = [source[i] for i in range(min(_SAMPLES.value, len(source)))]
     settings = bench.BenchSettings(batch_size=_BATCH.value, max_new_tokens=_MAX_NEW.value)
     reference = TorchLamed.from_folder(_CKPT.value)
 
@@ -73,7 +78,8 @@ def main(argv):
         result = bench.run_generation_task("vqa_closed", model, tokenizer, records, settings, answer=answer)
         timed[name] = (time.perf_counter() - start, result)
     count = len(records)
-    print(f"closed VQA, {count} samples, batch {_BATCH.value}, checkpoint {_CKPT.value}")
+    print(f"closed VQA, {count} samples, batch {_BATCH.value}, checkpoint {_CKPT.value}, volumes from "
+          f"{_SHARDS.value or root}")
     for name, (seconds, result) in timed.items():
         accuracy = ", ".join(f"{k} {v:.1f}" for k, v in result.metrics.items())
         print(f"  {name:28s} {seconds:7.2f} s  {count / seconds:6.2f} answers/s  ({accuracy})")
