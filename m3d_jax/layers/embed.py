@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from m3d_jax.layers.linear import over_merged_tokens
 from m3d_jax.layers.params import DType, normal, param
 from m3d_jax.sharding import constrain
 
@@ -28,4 +29,5 @@ class Embed(nnx.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         """x · tableᵀ: logits over the vocabulary for tied input/output embeddings."""
-        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype))
+        table = self.embedding[...].astype(self.dtype)
+        return over_merged_tokens(lambda x: jnp.einsum("...d,vd->...v", x, table), x.astype(self.dtype), 1)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -55,15 +55,38 @@ class Dense(nnx.Module):
         if inputs.shape[-n_in:] != self.in_features:
             raise ValueError(f"Dense expects trailing input axes {self.in_features}, got input shape {inputs.shape}")
         kernel = self.kernel[...].astype(self.dtype)
-        batch_ndim = inputs.ndim - n_in
-        contract = (tuple(range(batch_ndim, inputs.ndim)), tuple(range(n_in)))
         inputs = inputs.astype(self.dtype)
-        outputs = jax.lax.dot_general(inputs, kernel, (contract, ((), ())), precision=self.precision)
+
+        def product(x: jax.Array) -> jax.Array:
+            contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+            return jax.lax.dot_general(x, kernel, (contract, ((), ())), precision=self.precision)
+
+        outputs = over_merged_tokens(product, inputs, n_in)
         if self.bias is not None:
             outputs = outputs + self.bias[...].astype(self.dtype)
         if self.lora is not None:
             outputs = outputs + self.lora(inputs)
         return outputs
+
+
+def over_merged_tokens(product: Callable[[jax.Array], jax.Array], x: jax.Array, n_features: int) -> jax.Array:
+    """`product(x)` for a product that contracts x's trailing `n_features` axes, with x's leading (token)
+    axes merged into one on CPU.
+
+    XLA's CPU compiler handles a weight gradient that contracts over two token axes (batch and length) by
+    writing the output gradient transposed before a generic dot: in a mid-size LaMed training step that was
+    a quarter of the step. Over one merged token axis it is a plain matrix product. Programs lowered for
+    TPU or GPU keep the unmerged product (their compilers handle it, and a merge could cross a sharded axis).
+    """
+    lead = x.ndim - n_features
+    if lead <= 1:
+        return product(x)
+
+    def merged(x: jax.Array) -> jax.Array:
+        out = product(x.reshape((-1,) + x.shape[lead:]))
+        return out.reshape(x.shape[:lead] + out.shape[1:])
+
+    return jax.lax.platform_dependent(x, cpu=merged, default=product)
 
 
 def _flatten_init(init: Initializer, n_in: int) -> Initializer:

@@ -60,14 +60,29 @@ def _jax_step(run, batch):
     return one_step, flops
 
 
+# LaMed's top-level parts → the TorchLamed modules they are
+_TORCH_PARTS = {"vision_tower": "vit", "mm_projector": "projector", "language_model": "llm",
+                "seg_projector": "seg_projector", "seg_module": "seg_module"}
+
+
 def _torch_model(run):
-    """The same weights in the PyTorch composition (read before the JAX step donates them)."""
+    """The same weights in the PyTorch composition (read before the JAX step donates them). A part gets
+    gradients when the JAX step trains any of its parameters (LoRA and stage 1's embeddings-only LLM train
+    the whole LLM here, an overestimate of PyTorch's work)."""
+    from flax import nnx
+
     from m3d_jax.convert import export
     from m3d_jax.parity.torch_reference import TorchLamed
 
     with tempfile.TemporaryDirectory() as folder:
         export(run.model, folder)
-        return TorchLamed.from_folder(folder).train()
+        model = TorchLamed.from_folder(folder).train()
+    trained = {str(path[0]) for path, _ in nnx.to_flat_state(nnx.state(run.model, run.wrt))}
+    model.requires_grad_(False)
+    for part, attribute in _TORCH_PARTS.items():
+        if part in trained and getattr(model, attribute) is not None:
+            getattr(model, attribute).requires_grad_(True)
+    return model
 
 
 def _torch_step(model, batch):
@@ -79,7 +94,7 @@ def _torch_step(model, batch):
     from m3d_jax.parity.torch_reference import TorchLamed
 
     torch.manual_seed(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
     tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
     embed = TorchLamed.embed.__wrapped__  # the reference splice, with gradients
 
