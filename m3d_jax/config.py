@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
+import pathlib
 import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
@@ -92,3 +95,16 @@ def run_options(*, log_every: int = 10, checkpoint_every: int = 1000, keep: int 
         # guarded keys (data position, state structure) a resume may change: "data.batch_size,seed"
         resume=ConfigDict(dict(allow_changes="")),
     )
+
+
+def load_config_file(spec: str | os.PathLike, variant: str | None = None):
+    """The ConfigDict of a config file, as `--config=FILE.py[:variant]` gives it: `get_config(variant)`,
+    or `get_config()` without a variant. `spec` may carry the variant after a colon."""
+    path, _, spec_variant = str(spec).partition(":")
+    variant = variant or spec_variant or None
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path} does not exist")
+    module_spec = importlib.util.spec_from_file_location(f"config_{pathlib.Path(path).stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(variant) if variant else module.get_config()

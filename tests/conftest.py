@@ -87,14 +87,11 @@ def word_tokenizer(folder, vocab_size: int):
 
 def recipe_config(name: str, variant: str | None = None):
     """`configs/<name>.py`'s config (its `variant`), loaded from the file as the training entry point does."""
-    import importlib.util
     import pathlib
 
-    path = pathlib.Path(__file__).parent.parent / "configs" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"{name}_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config() if variant is None else module.get_config(variant)
+    from m3d_jax.config import load_config_file
+
+    return load_config_file(pathlib.Path(__file__).parent.parent / "configs" / f"{name}.py", variant)
 
 
 def abstract_model(config):

@@ -3,7 +3,6 @@ phantom-config M3D-CLIP (retrieval), both exported in the released layouts by th
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 import subprocess
@@ -12,16 +11,11 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import recipe_config
+
 from m3d_jax.eval import metrics
 
 ROOT = pathlib.Path(__file__).parent.parent
-
-
-def _config(name: str, variant: str | None = None):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant) if variant else module.get_config()
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +39,7 @@ def _evaluate(*args):
 
 
 def test_evaluate_lamed_on_phantoms_writes_outputs_metrics_and_table(phantoms, tmp_path):
-    _export("lamed", _config("demo"), tmp_path / "lamed")
+    _export("lamed", recipe_config("demo"), tmp_path / "lamed")
     out = tmp_path / "bench"
     result = _evaluate(f"--ckpt={tmp_path / 'lamed'}", "--task=all", f"--data={phantoms}", f"--out_dir={out}",
                        "--max_samples=4", "--batch_size=4", "--max_new_tokens=12")
@@ -72,7 +66,7 @@ def test_evaluate_lamed_on_phantoms_writes_outputs_metrics_and_table(phantoms, t
 
 
 def test_evaluate_clip_retrieval_and_clear_errors(phantoms, tmp_path):
-    _export("clip", _config("clip", "phantoms"), tmp_path / "clip")
+    _export("clip", recipe_config("clip", "phantoms"), tmp_path / "clip")
     out = tmp_path / "bench"
     result = _evaluate(f"--ckpt={tmp_path / 'clip'}", "--task=all", f"--data={phantoms}", f"--out_dir={out}",
                        "--batch_size=4")
@@ -93,7 +87,7 @@ def test_evaluate_clip_retrieval_and_clear_errors(phantoms, tmp_path):
 def test_evaluate_from_prepared_shards_asks_the_same_questions(phantoms, tmp_path):
     """tools/prepare_data.py on the bench config, then tools/evaluate.py --shards: the same records, questions
     and references (rec's boxes come from the shards' masks) as from the files."""
-    _export("lamed", _config("demo"), tmp_path / "lamed")
+    _export("lamed", recipe_config("demo"), tmp_path / "lamed")
     prepared = subprocess.run(
         [sys.executable, "tools/prepare_data.py", "--config=configs/bench.py:phantoms", f"--config.root={phantoms}",
          "--image_size=32,64,64", f"--out={tmp_path / 'shards'}"], cwd=ROOT, capture_output=True, text=True,

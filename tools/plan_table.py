@@ -13,7 +13,6 @@ reports say so). Reports land in tools/plans/ (one JSON per recipe and target; e
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import os
 import re
@@ -27,6 +26,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 from absl import flags  # noqa: E402 — after the environment above
 
 from m3d_jax.cli import run  # noqa: E402
+from m3d_jax.config import load_config_file  # noqa: E402
 from m3d_jax.errors import InputError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,11 +92,7 @@ def _state_alone_overflows(config: str, overrides, target: str) -> bool:
 
 def _load_config(spec: str, overrides):
     """configs/FILE.py[:variant] with `--config.a.b=value` overrides applied (Python literals or strings)."""
-    path, _, variant = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("plan_table_config", ROOT / path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    config = module.get_config(variant) if variant else module.get_config()
+    config = load_config_file(ROOT / spec)
     for override in overrides:
         keys, _, text = override.removeprefix("--config.").partition("=")
         *parents, leaf = keys.split(".")

@@ -142,9 +142,8 @@ def _explicit_attention(query, key, value, mask, *, scale: float, block: int, kv
     and softmax are fp32, as in `dot_product_attention`, and masked scores get its large negative value."""
     batch, length, heads, head_dim = query.shape
     if not kv_heads_first:
-        key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
-    keys, values = key, value  # [B, K, S, H]
-    kv_heads = keys.shape[1]
+        key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)  # [B, K, S, H]
+    kv_heads = key.shape[1]
     groups = heads // kv_heads
     grouped_query = query.reshape(batch, length, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)  # [B,K,G,T,H]
     if mask is not None:
@@ -171,9 +170,9 @@ def _explicit_attention(query, key, value, mask, *, scale: float, block: int, kv
         return _query_blocks(attend_block, row_query, row_mask, block, axis=3)
 
     if block == 0 or length <= block or batch == 1:
-        context = attend_row(grouped_query, keys, values, mask)
+        context = attend_row(grouped_query, key, value, mask)
     else:  # one batch row at a time too: measured 1.6x faster at 4 × 2049 tokens
-        rows = (grouped_query, keys, values)
+        rows = (grouped_query, key, value)
         if mask is not None:
             rows += (jnp.broadcast_to(mask, (batch, *mask.shape[1:])),)
         context = jax.lax.map(lambda row: attend_row(*(x[None] for x in row), *((None,) * (4 - len(row))))[0],

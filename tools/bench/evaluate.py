@@ -12,13 +12,13 @@ agree.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
 
 from absl import app, flags
 from timing import machine_line  # tools/bench/timing.py (on sys.path)
 
+_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 _CKPT = flags.DEFINE_string("ckpt", "runs/demo/pytorch", "LaMed checkpoint folder (the demo's export).")
 _LAYOUT = flags.DEFINE_enum("layout", "phantoms", ["phantoms", "m3d"], "configs/bench.py layout of the data.")
 _DATA = flags.DEFINE_string("data", None, "Data root (default: the layout's).")
@@ -29,20 +29,13 @@ _BATCH = flags.DEFINE_integer("batch_size", 8, "Samples per decoding batch.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Longest answer in tokens.")
 
 
-def _bench_config(layout: str):
-    spec = importlib.util.spec_from_file_location(
-        "bench_config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs", "bench.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(layout)
-
-
 def main(argv):
     del argv
     import jax
     import numpy as np
     import torch
 
+    from m3d_jax.config import load_config_file
     from m3d_jax.data.pipeline import build_source
     from m3d_jax.eval import bench
     from m3d_jax.inference import Answerer
@@ -54,7 +47,7 @@ def main(argv):
     if answerer.kind != "lamed":
         raise SystemExit(f"--ckpt {_CKPT.value}: a {answerer.kind} checkpoint; this bench takes a LaMed")
     model, tokenizer = answerer.model, answerer.tokenizer
-    bench_config = _bench_config(_LAYOUT.value)
+    bench_config = load_config_file(os.path.join(_ROOT, "configs", "bench.py"), _LAYOUT.value)
     root = _DATA.value or bench_config.root
     entry = dict(bench_config.tasks["vqa_closed"])
     source = bench.shard_records(_SHARDS.value, entry, model) if _SHARDS.value else build_source(entry, root).records
