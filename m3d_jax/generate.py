@@ -88,20 +88,30 @@ def generate(
     prompt = input_ids if inputs_embeds is None else inputs_embeds
     if prompt is None or (input_ids is not None and inputs_embeds is not None):
         raise ValueError("pass exactly one of input_ids and inputs_embeds")
-    batch, length = prompt.shape[:2]
-    mask = np.ones((batch, length), np.int32) if attention_mask is None else np.asarray(attention_mask, np.int32)
-    if np.any(np.diff(mask, axis=1) < 0):
-        raise ValueError("prompts must be left-padded (attention_mask rows 0…0 1…1); see generate.left_pad")
-    eos = config.eos_token_ids if config.eos_token_ids is not None else model.config.eos_token_ids
-    pad = config.pad_token_id if config.pad_token_id is not None else model.config.pad_token_id
-    resolved = dataclasses.replace(config, eos_token_ids=tuple(eos), pad_token_id=pad)
+    mask, resolved = prepare_prompts(prompt.shape[:2], attention_mask, config, model.config)
     graphdef, state = nnx.split(model)
     return _generate(graphdef, resolved, inputs_embeds is not None, state, jnp.asarray(prompt), jnp.asarray(mask))
 
 
+def prepare_prompts(shape: tuple[int, int], attention_mask, config: SamplingConfig,
+                    decoder_config) -> tuple[np.ndarray, SamplingConfig]:
+    """(the [B, T] int32 mask, checked left-padded; `config` with the decoder's EOS and pad ids filled in)."""
+    mask = np.ones(shape, np.int32) if attention_mask is None else np.asarray(attention_mask, np.int32)
+    if np.any(np.diff(mask, axis=1) < 0):
+        raise ValueError("prompts must be left-padded (attention_mask rows 0…0 1…1); see generate.left_pad")
+    eos = config.eos_token_ids if config.eos_token_ids is not None else decoder_config.eos_token_ids
+    pad = config.pad_token_id if config.pad_token_id is not None else decoder_config.pad_token_id
+    return mask, dataclasses.replace(config, eos_token_ids=tuple(eos), pad_token_id=pad)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _generate(graphdef, config: SamplingConfig, from_embeds: bool, state, prompt, mask) -> GenerateOutput:
-    model = nnx.merge(graphdef, state)
+    return decode(nnx.merge(graphdef, state), config, from_embeds, prompt, mask)
+
+
+def decode(model: Decoder, config: SamplingConfig, from_embeds: bool, prompt, mask) -> GenerateOutput:
+    """`generate`'s traced body (inside a jit): prefill, then one `lax.while_loop` of decoding steps.
+    `config` comes from `prepare_prompts`; `model` is a traced copy (its layers get unstacked)."""
     model.unstack_layers()  # slice the stacked parameters once, not at every decode step
     batch, length = mask.shape
     max_new = config.max_new_tokens

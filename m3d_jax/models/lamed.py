@@ -9,6 +9,7 @@ row is spliced after its padding, so batched prompts of different lengths work.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -18,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from m3d_jax.config import dataclass_from_mapping
-from m3d_jax.generate import SamplingConfig, generate
+from m3d_jax.generate import SamplingConfig, decode, prepare_prompts
 from m3d_jax.models.decoder import Decoder, DecoderConfig
 from m3d_jax.models.projector import ProjectorConfig, SpatialPoolingProjector
 from m3d_jax.models.segvol import SegProjector, SegVol, SegVolConfig
@@ -296,23 +297,24 @@ def generate_lamed(model: Lamed, images, input_ids, *, attention_mask=None, conf
     With a segmentation module, a `[SEG]` among the generated tokens prompts the mask decoder with the
     hidden state that predicted it (several are averaged), as the reference does — including its
     behaviour that a `[SEG]` emitted as the very first new token is not used."""
-    config = config or SamplingConfig()
     ids = np.asarray(input_ids)
-    mask = np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask, np.int32)
+    mask, config = prepare_prompts(ids.shape, attention_mask, config or SamplingConfig(), model.language_model.config)
     starts = jnp.asarray(image_token_starts(ids, model.config))
     graphdef, state = nnx.split(model)
     images = jnp.asarray(images)
-    embeds = _embed(graphdef, state, jnp.asarray(ids), images, starts)
-    out = generate(model.language_model, inputs_embeds=embeds, attention_mask=mask, config=config)
+    embeds, out = _embed_and_generate(graphdef, config, state, jnp.asarray(ids), images, starts, jnp.asarray(mask))
     if model.seg_module is None:
         return LamedGeneration(out.tokens, out.lengths, None)
     seg_logits = _segment_generated(graphdef, state, images, embeds, jnp.asarray(mask), out.tokens, out.lengths)
     return LamedGeneration(out.tokens, out.lengths, seg_logits)
 
 
-@jax.jit
-def _embed(graphdef, state, ids, images, starts):
-    return nnx.merge(graphdef, state).embed(ids, images, starts)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _embed_and_generate(graphdef, config: SamplingConfig, state, ids, images, starts, mask):
+    """The spliced prompt embeddings and the generation after them, in one program (one dispatch per batch)."""
+    model = nnx.merge(graphdef, state)
+    embeds = model.embed(ids, images, starts)
+    return embeds, decode(model.language_model, config, True, embeds, mask)
 
 
 @jax.jit
