@@ -147,6 +147,8 @@ def input_boxes(raw: str, prepared: Prepared) -> tuple[InputBox, ...]:
 
 
 class Loaded(NamedTuple):
+    """A checkpoint's model and tokenizers, as `load_checkpoint` returns them."""
+
     kind: str  # "lamed" | "med2e3" | "clip"
     model: Any
     tokenizer: Any  # the LLM's (LaMed's with its added tokens) or CLIP's text tokenizer
