@@ -183,7 +183,8 @@ def _scores(query, key, mask, scale: float) -> jax.Array:
 def _block_attention(query, key, value, mask, scale: float) -> jax.Array:
     """softmax(q·kᵀ·scale, masked)·v for q [B, K, G, T, H] against k, v [B, K, S, H]; scores and softmax in fp32.
     Its backward (below) recomputes the weights from the saved log-sum-exp and uses softmax's closed-form
-    gradient: measured 1.6x faster than differentiating the forward (8 × 256 causal tokens, 8 heads)."""
+    gradient: forward and backward measured 173 → 136 ms against differentiating the forward (8 × 256 causal
+    tokens, 8 heads of 64, 2-core Xeon, interleaved)."""
     return _block_attention_forward(query, key, value, mask, scale)[0]
 
 
@@ -214,7 +215,7 @@ def _block_attention_backward(scale, saved, context_grad):
     return (query_grad.astype(query.dtype), key_grad.astype(key.dtype), value_grad.astype(value.dtype), None)
 
 
-_block_attention.defvjp(lambda *args: _block_attention_forward(*args), _block_attention_backward)
+_block_attention.defvjp(_block_attention_forward, _block_attention_backward)
 
 
 class FusedSelfAttention(nnx.Module):
