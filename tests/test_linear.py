@@ -1,6 +1,8 @@
 """Dense against torch.nn.Linear (outputs and weight gradients over two token axes), and its per-platform
 product: token axes merged on CPU, the grouped dot_general kept in programs lowered for TPU and GPU."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,3 +43,21 @@ def test_token_axes_are_merged_on_cpu_only():
     for platform in ("tpu", "cuda"):
         text = traced.lower(lowering_platforms=(platform,)).as_text()
         assert "tensor<32x16xf32>" not in text and "dot_general" in text, platform
+
+
+def test_bf16_products_accumulate_in_fp32_on_cpu_only():
+    """On CPU a bf16 product is asked for an fp32 result (XLA runs it on the bf16 units then; with a bf16
+    result it ran at fp32 speed) and rounded once; TPU and GPU programs keep the bf16 product."""
+    dense = Dense(16, 32, axes=("embed", "mlp"), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(dense)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8, 16)), jnp.bfloat16)
+    traced = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).trace(state, x)
+    products = {platform: re.findall(r"dot_general.*-> (tensor<[^>]*>)", traced.lower(lowering_platforms=(platform,))
+                                     .as_text()) for platform in ("cpu", "tpu", "cuda")}
+    assert products["cpu"] == ["tensor<32x32xf32>"], products["cpu"]
+    for platform in ("tpu", "cuda"):
+        assert products[platform] == ["tensor<4x8x32xbf16>"], (platform, products[platform])
+    out = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
+    exact = np.asarray(x, np.float64) @ np.asarray(dense.kernel[...].astype(jnp.bfloat16), np.float64)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), exact, rtol=2**-8, atol=1e-6)

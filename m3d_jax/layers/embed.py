@@ -30,4 +30,6 @@ class Embed(nnx.Module):
     def attend(self, x: jax.Array) -> jax.Array:
         """x · tableᵀ: logits over the vocabulary for tied input/output embeddings."""
         table = self.embedding[...].astype(self.dtype)
-        return over_merged_tokens(lambda x: jnp.einsum("...d,vd->...v", x, table), x.astype(self.dtype), 1)
+        return over_merged_tokens(
+            lambda x, accumulation: jnp.einsum("...d,vd->...v", x, table, preferred_element_type=accumulation),
+            x.astype(self.dtype), 1)

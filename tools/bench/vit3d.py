@@ -49,33 +49,47 @@ def _analytic_flops(config, batch: int) -> float:
 
 
 def _layer_parts(config, jax, jnp, np, torch, repeats: int) -> None:
-    """One layer's time by part at the config's size, batch 1, interleaved JAX / torch runs (medians): the
-    linear layers (qkv, out, MLP), attention (this project's `attend` against torch's SDPA, a fused CPU
-    kernel; MONAI's ViT computes attention with explicit einsums instead), and LayerNorm + GELU."""
+    """One layer's time by part at the config's size and dtype, batch 1, interleaved JAX / torch runs
+    (medians): the linear layers (qkv, out, MLP: this project's `Dense`), attention (this project's `attend`
+    against torch's SDPA, a fused CPU kernel; MONAI's ViT computes attention with explicit einsums instead),
+    and LayerNorm + GELU."""
+    from flax import nnx
+
+    from m3d_jax.layers import Dense
     from m3d_jax.layers.attention import attend
 
     tokens, width, mlp, heads = config.num_tokens, config.hidden_size, config.mlp_dim, config.num_heads
+    dtype, torch_dtype = jnp.dtype(config.dtype), getattr(torch, jnp.dtype(config.dtype).name)
     rng = np.random.default_rng(0)
-    arrays = dict(x=(1, tokens, width), qkv=(width, 3 * width), out=(width, width), up=(width, mlp),
-                  down=(mlp, width), q=(1, tokens, heads, width // heads), h=(1, tokens, mlp))
-    host = {name: rng.standard_normal(shape, dtype=np.float32) * (0.02 if name in ("qkv", "out", "up", "down")
-                                                                    else 1.0) for name, shape in arrays.items()}
-    j = {name: jnp.asarray(value) for name, value in host.items()}
-    t = {name: torch.from_numpy(value) for name, value in host.items()}
+    arrays = dict(x=(1, tokens, width), q=(1, tokens, heads, width // heads), h=(1, tokens, mlp))
+    host = {name: rng.standard_normal(shape, dtype=np.float32) for name, shape in arrays.items()}
+    j = {name: jnp.asarray(value, dtype) for name, value in host.items()}
+    t = {name: torch.from_numpy(value).to(torch_dtype) for name, value in host.items()}
+    shapes = dict(qkv=(width, 3 * width), out=(width, width), up=(width, mlp), down=(mlp, width))
+    dense = nnx.List([Dense(*shape, axes=(None, None), dtype=dtype, rngs=nnx.Rngs(0)) for shape in shapes.values()])
+    graphdef, state = nnx.split(dense)
+    weights = {name: torch.from_numpy(np.array(layer.kernel[...])).to(torch_dtype)
+               for name, layer in zip(shapes, dense)}
+
+    def linear(state, x):
+        qkv, out, up, down = nnx.merge(graphdef, state)
+        return out(qkv(x)[..., :width]) + down(up(x))
+
+    linear = jax.jit(linear)
     scale = (width // heads) ** -0.5
-    linear = jax.jit(lambda x, a, b, c, d: (x @ a)[..., :width] @ b + (x @ c) @ d)
     attention = jax.jit(lambda q: attend(q, q, q, scale=scale))
 
     def norm_gelu(x, h):
+        x, h = x.astype(jnp.float32), h.astype(jnp.float32)
         normed = (x - x.mean(-1, keepdims=True)) / jnp.sqrt(x.var(-1, keepdims=True) + 1e-5)
-        return normed, jax.nn.gelu(h, approximate=False)
+        return normed.astype(dtype), jax.nn.gelu(h, approximate=False).astype(dtype)
 
     norm_gelu = jax.jit(norm_gelu)
-    tq, functional = t["q"].transpose(1, 2), torch.nn.functional
+    tq, functional, w = t["q"].transpose(1, 2), torch.nn.functional, weights
     parts = {
         "linear (qkv, out, MLP)": (
-            lambda: linear(j["x"], j["qkv"], j["out"], j["up"], j["down"]),
-            lambda: (t["x"] @ t["qkv"])[..., :width] @ t["out"] + (t["x"] @ t["up"]) @ t["down"]),
+            lambda: linear(state, j["x"]),
+            lambda: (t["x"] @ w["qkv"])[..., :width] @ w["out"] + (t["x"] @ w["up"]) @ w["down"]),
         "attention (torch: SDPA)": (
             lambda: attention(j["q"]), lambda: functional.scaled_dot_product_attention(tq, tq, tq, scale=scale)),
         "LayerNorm + GELU": (
@@ -88,7 +102,7 @@ def _layer_parts(config, jax, jnp, np, torch, repeats: int) -> None:
         calls[(name, "torch")] = theirs
     with torch.inference_mode():
         timed = interleaved_medians(calls, repeats)
-    print(f"one layer by part ({tokens} tokens, width {width}, {heads} heads, batch 1, fp32):")
+    print(f"one layer by part ({tokens} tokens, width {width}, {heads} heads, batch 1, {dtype.name}):")
     for name in parts:
         ours, theirs = timed[(name, "jax")], timed[(name, "torch")]
         print(f"  {name:24s} jax {ours * 1e3:7.1f} ms  torch {theirs * 1e3:7.1f} ms  torch/jax {theirs / ours:5.2f}")
@@ -158,7 +172,7 @@ def main(argv):
               f"{flops / jax_time / 1e9:>11.1f} {flops / jax_time / 1e9 / peak:>6.0%} "
               f"{flops / torch_time / 1e9:>13.1f} {error:>15.2e}")
     print(f"config {dataclasses.asdict(config)}")
-    if _PARTS.value and device == "cpu" and _DTYPE.value == "float32":
+    if _PARTS.value and device == "cpu":
         _layer_parts(config, jax, jnp, np, torch, _REPEATS.value)
 
 
