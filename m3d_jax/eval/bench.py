@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import functools
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -30,7 +29,7 @@ from m3d_jax.data.prompts import CAPTION_PROMPTS
 from m3d_jax.eval import metrics
 from m3d_jax.eval.retrieval import encode_pairs
 from m3d_jax.generate import PROMPT_BUCKET, SamplingConfig, left_pad
-from m3d_jax.models.lamed import generate_lamed
+from m3d_jax.models.lamed import LamedGenerator
 from m3d_jax.models.med2e3 import Med2E3, generate_med2e3
 
 GENERATION_TASKS = ("report", "vqa_closed", "vqa_open", "rec", "reg", "seg", "refseg")
@@ -147,15 +146,27 @@ def generate_med2e3_answers(model, tokenizers, questions: Sequence[str], images:
     return texts, np.asarray(out.slice_scores)
 
 
-def generate_answers(model, tokenizer, questions: Sequence[str], images: np.ndarray, settings: BenchSettings):
-    """Greedy answers (text with special tokens removed) and SegVol logits (or None) for one batch."""
-    prompts = lamed_prompt_batch(tokenizer, model.config, questions)
-    out = generate_lamed(model, images, prompts.ids, attention_mask=prompts.mask,
-                         config=prompts.sampling(_bench_sampling(settings)))
-    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-    texts = [tokenizer.decode(tokens[row, : lengths[row]], skip_special_tokens=True).strip()
-             for row in range(len(questions))]
-    return texts, (np.asarray(out.seg_logits) if out.seg_logits is not None else None)
+def lamed_answers(model, tokenizer, settings: BenchSettings) -> Callable:
+    """`start(questions, images)` for a loop over batches with one LaMed: dispatches a batch's greedy
+    generation and returns `finish()`, which waits for it and gives the answers (text with special tokens
+    removed) and the SegVol logits (or None). Reading a batch's answers after dispatching the next one keeps
+    the host's work (prompts, detokenising, scoring) off the generation's critical path."""
+    generator = LamedGenerator(model)
+
+    def start(questions: Sequence[str], images: np.ndarray) -> Callable[[], tuple[list[str], np.ndarray | None]]:
+        prompts = lamed_prompt_batch(tokenizer, model.config, questions)
+        out = generator(images, prompts.ids, attention_mask=prompts.mask,
+                        config=prompts.sampling(_bench_sampling(settings)))
+
+        def finish():
+            tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+            texts = [tokenizer.decode(tokens[row, : lengths[row]], skip_special_tokens=True).strip()
+                     for row in range(len(questions))]
+            return texts, (np.asarray(out.seg_logits) if out.seg_logits is not None else None)
+
+        return finish
+
+    return start
 
 
 def run_generation_task(task: str, model, tokenizer, records: Sequence[dict], settings: BenchSettings,
@@ -163,15 +174,20 @@ def run_generation_task(task: str, model, tokenizer, records: Sequence[dict], se
     """Answers every record of a generation task with a LaMed or a Med-2E3 (then `tokenizer` is its
     `Med2E3Tokenizers`) and scores the answers. `records`: raw records, or a prepared shard source
     (`data.shards.open_source`) whose volumes and masks come prepared. The next batch's volumes are read and
-    prepared on reader threads (one per core) while the model answers the current one.
-    `answer(questions, images) -> (texts, seg_logits or None)` replaces the LaMed's own answering (the
-    evaluation bench runs the PyTorch model through this loop)."""
+    prepared on reader threads (one per core) while the model answers the current one, and a LaMed's
+    answers to a batch are read after the next batch is dispatched.
+    `answer(questions, images) -> finish`, with `finish() -> (texts, seg_logits or None)`, replaces the
+    LaMed's own answering (the evaluation bench runs the PyTorch model through this loop)."""
 
     med2e3 = is_med2e3(model)
     if med2e3 and task not in MED2E3_TASKS:
         raise ValueError(f"a Med-2E3 cannot run {task}; it runs {', '.join(MED2E3_TASKS)}")
-    if answer is None and not med2e3:
-        answer = functools.partial(generate_answers, model, tokenizer, settings=settings)
+    if med2e3:
+        def answer(questions, images):
+            result = generate_med2e3_answers(model, tokenizer, questions, images, settings)
+            return lambda: result
+    elif answer is None:
+        answer = lamed_answers(model, tokenizer, settings)
     size, channels = image_size(model), in_channels(model)
 
     def read_batch(begin: int):  # the volumes of a batch, each read and prepared on a reader thread
@@ -181,8 +197,26 @@ def run_generation_task(task: str, model, tokenizer, records: Sequence[dict], se
         return rows, chunk, [readers.submit(prepare_record, r, size, settings.window, channels) for r in chunk]
 
     samples: list[dict[str, Any]] = []
+
+    def record(rows, chunk, prepared, questions, pairs, finish):
+        texts, outputs = finish()  # Med-2E3: slice scores; LaMed: SegVol logits or None
+        for row in range(rows):
+            sample = {"image": chunk[row]["image"], "question": questions[row], "reference": pairs[row][1],
+                      "output": texts[row]}
+            if med2e3:  # the slice of the model's input (depth index) that TG-IS weighted most
+                sample["top_slice"] = int(outputs[row].argmax())
+                sample["top_slice_score"] = float(outputs[row].max())
+            if task == "vqa_closed":
+                sample["answer_choice"] = chunk[row]["choice"]
+            if task in ("seg", "refseg"):
+                logits = outputs[row] if outputs is not None else np.full(prepared[row][1].shape, -np.inf)
+                sample["soft_dice"] = metrics.soft_dice(logits, prepared[row][1])
+                sample["dice"] = metrics.dice(logits, prepared[row][1])
+            samples.append(sample)
+
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as readers:
         pending = read_batch(0) if records else None
+        in_flight = None
         for begin in range(0, len(records), settings.batch_size):
             rows, chunk, futures = pending
             prepared = [future.result() for future in futures]
@@ -191,25 +225,12 @@ def run_generation_task(task: str, model, tokenizer, records: Sequence[dict], se
             pairs = [record_texts(r, mask, np.random.default_rng([settings.seed, begin + i]))
                      for i, (r, (_, mask)) in enumerate(zip(chunk, prepared))]
             questions = [CAPTION_PROMPTS[0] if task == "report" else q for q, _ in pairs]
-            images = np.stack([p[0] for p in prepared])
-            if med2e3:
-                texts, scores = generate_med2e3_answers(model, tokenizer, questions, images, settings)
-                seg_logits = None
-            else:
-                texts, seg_logits = answer(questions, images)
-            for row in range(rows):
-                sample = {"image": chunk[row]["image"], "question": questions[row], "reference": pairs[row][1],
-                          "output": texts[row]}
-                if med2e3:  # the slice of the model's input (depth index) that TG-IS weighted most
-                    sample["top_slice"] = int(scores[row].argmax())
-                    sample["top_slice_score"] = float(scores[row].max())
-                if task == "vqa_closed":
-                    sample["answer_choice"] = chunk[row]["choice"]
-                if task in ("seg", "refseg"):
-                    logits = seg_logits[row] if seg_logits is not None else np.full(prepared[row][1].shape, -np.inf)
-                    sample["soft_dice"] = metrics.soft_dice(logits, prepared[row][1])
-                    sample["dice"] = metrics.dice(logits, prepared[row][1])
-                samples.append(sample)
+            finish = answer(questions, np.stack([p[0] for p in prepared]))
+            if in_flight is not None:
+                record(*in_flight)
+            in_flight = (rows, chunk, prepared, questions, pairs, finish)
+        if in_flight is not None:
+            record(*in_flight)
     return TaskResult(task, samples, score(task, samples, embed))
 
 

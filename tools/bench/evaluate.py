@@ -2,9 +2,9 @@
 the same loop in PyTorch (the exported checkpoint in `TorchLamed`: MONAI ViT + projector splice + transformers
 `generate`), on the same records, prompts and prepared volumes, greedy, same batch size.
 
-JAX is timed twice: the first pass includes compilation (one program per prompt-length bucket and batch
-shape), the second reuses it. Answers per second are printed with the ratio to PyTorch and how many answers
-agree.
+JAX's first pass includes compilation (one program per prompt-length bucket and batch shape); then the two
+loops run in turn (`--repeats` passes each, interleaved) and their medians are compared. Answers per second
+are printed with the ratio to PyTorch and how many answers agree.
 
   python tools/bench/evaluate.py --ckpt=runs/demo/pytorch [--samples=64 --batch_size=8 --layout=phantoms]
   python tools/bench/evaluate.py --ckpt=runs/demo/pytorch --shards=data/bench_shards   # volumes prepared once
@@ -16,7 +16,7 @@ import os
 import time
 
 from absl import app, flags
-from timing import machine_line  # tools/bench/timing.py (on sys.path)
+from timing import interleaved_medians, machine_line  # tools/bench/timing.py (on sys.path)
 
 _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 _CKPT = flags.DEFINE_string("ckpt", "runs/demo/pytorch", "LaMed checkpoint folder (the demo's export).")
@@ -27,6 +27,7 @@ _SHARDS = flags.DEFINE_string("shards", None, "Read the volumes prepared from th
 _SAMPLES = flags.DEFINE_integer("samples", 64, "Closed-VQA samples.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Samples per decoding batch.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Longest answer in tokens.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed passes of each loop (interleaved; the median is printed).")
 
 
 def main(argv):
@@ -63,25 +64,28 @@ def main(argv):
                 inputs_embeds=embeds, attention_mask=torch.from_numpy(prompts.mask).long(),
                 max_new_tokens=_MAX_NEW.value, do_sample=False, eos_token_id=prompts.eos_token_id,
                 pad_token_id=prompts.pad_token_id)
-        return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in tokens.numpy()], None
+        texts = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in tokens.numpy()]
+        return lambda: (texts, None)
 
-    timed = {}
-    for name, answer in (("jax, first pass (compiles)", None), ("jax", None), ("pytorch", torch_answers)):
-        start = time.perf_counter()
-        result = bench.run_generation_task("vqa_closed", model, tokenizer, records, settings, answer=answer)
-        timed[name] = (time.perf_counter() - start, result)
+    def run(answer):
+        return bench.run_generation_task("vqa_closed", model, tokenizer, records, settings, answer=answer)
+
+    start = time.perf_counter()
+    results = {"jax": run(None)}
+    first_pass = time.perf_counter() - start
+    results["pytorch"] = run(torch_answers)
+    timed = interleaved_medians({"jax": lambda: run(None), "pytorch": lambda: run(torch_answers)}, _REPEATS.value,
+                                warmup=0)
     count = len(records)
     print(f"closed VQA, {count} samples, batch {_BATCH.value}, checkpoint {_CKPT.value}, volumes from "
-          f"{_SHARDS.value or root}")
-    for name, (seconds, result) in timed.items():
-        accuracy = ", ".join(f"{k} {v:.1f}" for k, v in result.metrics.items())
+          f"{_SHARDS.value or root}; median of {_REPEATS.value} interleaved passes")
+    print(f"  {'jax, first pass (compiles)':28s} {first_pass:7.2f} s  {count / first_pass:6.2f} answers/s")
+    for name, seconds in timed.items():
+        accuracy = ", ".join(f"{k} {v:.1f}" for k, v in results[name].metrics.items())
         print(f"  {name:28s} {seconds:7.2f} s  {count / seconds:6.2f} answers/s  ({accuracy})")
-    jax_outputs = [s["output"] for s in timed["jax"][1].samples]
-    torch_outputs = [s["output"] for s in timed["pytorch"][1].samples]
-    agree = np.mean([a == b for a, b in zip(jax_outputs, torch_outputs)])
-    print(f"JAX is {timed['pytorch'][0] / timed['jax'][0]:.2f}x PyTorch (warm), "
-          f"{timed['pytorch'][0] / timed['jax, first pass (compiles)'][0]:.2f}x counting compilation; "
-          f"answers identical: {agree:.0%}")
+    agree = np.mean([a["output"] == b["output"] for a, b in zip(results["jax"].samples, results["pytorch"].samples)])
+    print(f"JAX is {timed['pytorch'] / timed['jax']:.2f}x PyTorch (warm), {timed['pytorch'] / first_pass:.2f}x "
+          f"counting compilation; answers identical: {agree:.0%}")
 
 
 if __name__ == "__main__":
