@@ -33,7 +33,7 @@ def get_config() -> ConfigDict:
             remat="none",
             scan_layers=False,
             attention_impl="auto",  # auto | xla | cudnn
-            attention_query_chunk=-1,  # -1 auto (blocks of 128 queries on CPU), 0 off, N blocks of N
+            attention_query_chunk=-1,  # -1 auto (blocks of 256 queries on CPU), 0 off, N blocks of N
         )
     )
     config.checkpoint_layout = "m3d_clip_vision"

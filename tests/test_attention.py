@@ -31,6 +31,11 @@ CASES = {
     "one query, per-head mask": dict(batch=2, length=1, keys=20, heads=4, kv_heads=4, mask="per_head"),
     "prefill into a heads-first cache": dict(batch=2, length=12, keys=20, heads=4, kv_heads=2, mask="padding",
                                              kv_heads_first=True),
+    # from 512 tokens the CPU path goes one batch row and key head at a time, also without query blocks
+    "long: rows and heads, grouped-query, padding mask": dict(batch=2, length=520, heads=4, kv_heads=2,
+                                                             mask="padding", query_chunk=0),
+    "long: rows and heads, per-head mask": dict(batch=2, length=512, heads=2, kv_heads=2, mask="per_head",
+                                                query_chunk=0),
 }
 
 

@@ -45,7 +45,7 @@ class ViT3DConfig(ComputeOptions):
     select_layer: int = -1
     select_final_norm: bool = True
     select_feature: Literal["patch", "cls_patch"] = "patch"
-    attention_query_chunk: int = -1  # -1 auto (query blocks of 128 on CPU for long sequences), 0 off, >0 size
+    attention_query_chunk: int = -1  # -1 auto (query blocks of 256 on CPU for long sequences), 0 off, >0 size
     position_init: str = "normal"  # "normal" (MONAI/M3D) or "sincos" (MONAI's sin-cos table, learnable)
     position_init_std: float = 0.02  # the "normal" table's std (MONAI: 0.02)
 
