@@ -75,8 +75,7 @@ def main(argv):
     del argv
     import numpy as np
 
-    from m3d_jax.data.pipeline import build_source
-    from m3d_jax.data.med2e3_samples import Med2E3Tokenizers
+    from m3d_jax.data.pipeline import build_source, head
     from m3d_jax.eval import bench
     from m3d_jax.eval.metrics import meteor_matchers
     from m3d_jax.inference import load_checkpoint
@@ -87,6 +86,8 @@ def main(argv):
     kind, model, tokenizer, text_tokenizer = load_checkpoint(local_copy(_CKPT.value), _TOKENIZER.value,
                                                              _TEXT_TOKENIZER.value, expect=("lamed", "med2e3", "clip"))
     if kind == "med2e3":
+        from m3d_jax.data.med2e3_samples import Med2E3Tokenizers
+
         tokenizer = Med2E3Tokenizers(tokenizer, text_tokenizer)
     model = shard_model(model, make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1)))
     if kind == "clip":
@@ -122,7 +123,7 @@ def main(argv):
         else:
             records = build_source(dict(sources[task]), root).records
         if _MAX_SAMPLES.value:
-            records = [records[i] for i in range(min(_MAX_SAMPLES.value, len(records)))]
+            records = head(records, _MAX_SAMPLES.value)
         if task == "retrieval":
             result = bench.run_retrieval(model, tokenizer, records, settings)
         else:

@@ -281,6 +281,12 @@ SOURCES: dict[str, tuple[Callable[[str, str], object], str]] = {
 }
 
 
+def head(source, count: int) -> list:
+    """The first `count` records of a source (a list, a record source or a prepared shard source: shard
+    sources index but do not slice)."""
+    return [source[i] for i in range(min(count, len(source)))]
+
+
 def build_source(entry, root: str | None = None) -> object:
     """A source from a config entry: kind (cap, vqa_closed, vqa_open, seg, rec, reg, refseg; slices for
     Med3DInsight; label_map and class_label for fine-tuning), path (relative paths are joined to `root`),

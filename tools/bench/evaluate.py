@@ -37,7 +37,7 @@ def main(argv):
     import torch
 
     from m3d_jax.config import load_config_file
-    from m3d_jax.data.pipeline import build_source
+    from m3d_jax.data.pipeline import build_source, head
     from m3d_jax.eval import bench
     from m3d_jax.inference import Answerer
     from m3d_jax.parity.torch_reference import TorchLamed
@@ -52,7 +52,7 @@ def main(argv):
     root = _DATA.value or bench_config.root
     entry = dict(bench_config.tasks["vqa_closed"])
     source = bench.shard_records(_SHARDS.value, entry, model) if _SHARDS.value else build_source(entry, root).records
-    records = [source[i] for i in range(min(_SAMPLES.value, len(source)))]
+    records = head(source, _SAMPLES.value)
     settings = bench.BenchSettings(batch_size=_BATCH.value, max_new_tokens=_MAX_NEW.value)
     reference = TorchLamed.from_folder(_CKPT.value)
 
