@@ -52,8 +52,9 @@ def test_generate_tool_matches_transformers_greedy(tmp_path):
 
 
 def test_benchmarks_run_at_small_sizes(tmp_path):
-    vit = _run("tools/bench/vit3d.py", "--image_size=16,64,64", "--batch_sizes=1", "--repeats=1")
+    vit = _run("tools/bench/vit3d.py", "--image_size=16,64,64", "--batch_sizes=1", "--repeats=1", "--parts")
     assert re.search(r"^\s+1\s+[\d.]+\s+[\d.]+\s+[\d.]+x", vit, re.M), vit
+    assert len(re.findall(r"jax\s+[\d.]+ ms\s+torch\s+[\d.]+ ms\s+torch/jax", vit)) == 3, vit
     decode = _run("tools/bench/decode.py", "--layers=1", "--prompt_len=16", "--new_tokens=4", "--repeats=1")
     assert "greedy tokens identical to transformers: 100.0%" in decode, decode
     data = _run("tools/bench/data.py", "--cases=8", "--shape=16,32,32")

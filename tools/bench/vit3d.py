@@ -66,7 +66,8 @@ def _layer_parts(config, jax, jnp, np, torch, repeats: int) -> None:
     j = {name: jnp.asarray(value, dtype) for name, value in host.items()}
     t = {name: torch.from_numpy(value).to(torch_dtype) for name, value in host.items()}
     shapes = dict(qkv=(width, 3 * width), out=(width, width), up=(width, mlp), down=(mlp, width))
-    dense = nnx.List([Dense(*shape, axes=(None, None), dtype=dtype, rngs=nnx.Rngs(0)) for shape in shapes.values()])
+    dense = nnx.List([Dense(*shape, axes=(None, None), use_bias=False, dtype=dtype, rngs=nnx.Rngs(0))
+                      for shape in shapes.values()])
     graphdef, state = nnx.split(dense)
     weights = {name: torch.from_numpy(np.array(layer.kernel[...])).to(torch_dtype)
                for name, layer in zip(shapes, dense)}
