@@ -1,7 +1,7 @@
 """`attend` against torch's scaled_dot_product_attention (an independent implementation): the CPU path
-(heads-first products in query blocks, one batch row at a time; one query against a cache in its own
-layout) with masks, grouped-query heads, causal masking and gradients, and the per-platform choice made
-when lowering."""
+(heads-first products in query blocks, one batch row and key head at a time; one query against a cache in
+its own layout) with masks, grouped-query heads, causal masking and gradients, and the per-platform choice
+made when lowering."""
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +36,8 @@ CASES = {
                                                              mask="padding", query_chunk=0),
     "long: rows and heads, per-head mask": dict(batch=2, length=512, heads=2, kv_heads=2, mask="per_head",
                                                 query_chunk=0),
+    "long: rows and heads, per-head mask shared by the batch rows": dict(batch=2, length=512, heads=2, kv_heads=2,
+                                                                        mask="per_head_shared", query_chunk=0),
 }
 
 
@@ -50,8 +52,8 @@ def test_attend_matches_torch_sdpa_outputs_and_gradients(case, rng):
     if spec["mask"] == "padding":  # left padding: the first keys of row 0 hold no token
         mask = np.ones((batch, 1, length, keys), bool)
         mask[0, ..., :5] = False
-    elif spec["mask"] == "per_head":
-        mask = rng.random((batch, heads, length, keys)) < 0.7
+    elif spec["mask"] in ("per_head", "per_head_shared"):
+        mask = rng.random((batch if spec["mask"] == "per_head" else 1, heads, length, keys)) < 0.7
         mask[..., 0] = True  # no fully masked row (torch gives NaN there)
     weights = rng.standard_normal((batch, length, heads, 16), dtype=np.float32)
 

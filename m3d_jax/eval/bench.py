@@ -183,6 +183,9 @@ def run_generation_task(task: str, model, tokenizer, records: Sequence[dict], se
     if med2e3 and task not in MED2E3_TASKS:
         raise ValueError(f"a Med-2E3 cannot run {task}; it runs {', '.join(MED2E3_TASKS)}")
     if med2e3:
+        if answer is not None:
+            raise ValueError("answer= replaces a LaMed's answering; a Med-2E3 answers through its own loop")
+
         def answer(questions, images):
             result = generate_med2e3_answers(model, tokenizer, questions, images, settings)
             return lambda: result

@@ -28,7 +28,7 @@ AttentionImpl = Literal["auto", "xla", "cudnn"]
 _CPU_QUERY_BLOCK = 256
 _CPU_BLOCK_MIN_LENGTH = 1024
 # Without query blocks (the decoder's attention), batch rows and key heads still go one at a time from this
-# length (forward and backward at 8 × 512 causal tokens: 185 → 139 ms; at 8 × 256 it was no faster).
+# length (forward and backward at 8 × 512 causal tokens: 209 → 171 ms; at 8 × 256 it was no faster).
 _CPU_ROWS_MIN_LENGTH = 512
 
 
@@ -164,7 +164,8 @@ def _explicit_attention(query, key, value, mask, *, scale: float, block: int, kv
         return _query_blocks(attend_block, head_query, head_mask, block, axis=3)
 
     if (0 < block < length) or length >= _CPU_ROWS_MIN_LENGTH:
-        # one batch row and key head at a time, so the scores ([G, block or T, S]) stay in cache
+        # one batch row and key head at a time: the scores in flight are one head's ([G, block or T, S]), not
+        # every head's (with blocks of 256 at 2049 keys, 2 MB: this CPU's L2)
         context = _over_rows_and_heads(attend_head, grouped_query, key, value, mask)
     else:
         context = attend_head(grouped_query, key, value, mask)
@@ -176,7 +177,7 @@ def _over_rows_and_heads(attend_head, query, key, value, mask):
     key and value [B, K, S, H], mask [B|1, K|1, G|1, T, S] (an axis of 1 is shared, not copied). Measured
     on a 2-core Xeon against all heads at once: ViT3D's 2049 tokens, 12 heads of 64, in blocks of 256
     queries: 181 → 157 ms (fp32), 163 → 117 ms (bf16); causal forward and backward at 8 × 512 tokens, 8
-    heads of 64: 185 → 139 ms, at 4 × 1024: 350 → 210 ms."""
+    heads of 64: 209 → 171 ms, at 4 × 1024: 429 → 257 ms."""
 
     def over_axis(fn, query, key, value, mask):
         arrays = (query, key, value)

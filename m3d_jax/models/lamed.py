@@ -315,7 +315,9 @@ class LamedGenerator:
         mask, config = prepare_prompts(ids.shape, attention_mask, config or SamplingConfig(),
                                        self.model.language_model.config)
         starts = image_token_starts(ids, self.model.config)
-        images, ids, starts, mask = jax.device_put((np.asarray(images), ids, starts, np.asarray(mask)))
+        # host arrays go to the device in one call; an image batch already on devices stays as it is
+        images = images if isinstance(images, jax.Array) else np.asarray(images)
+        images, ids, starts, mask = jax.device_put((images, ids, starts, mask))
         embeds, out = _embed_and_generate(self.graphdef, config, self.state, ids, images, starts, mask)
         if self.model.seg_module is None:
             return LamedGeneration(out.tokens, out.lengths, None)

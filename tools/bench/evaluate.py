@@ -27,7 +27,8 @@ _SHARDS = flags.DEFINE_string("shards", None, "Read the volumes prepared from th
 _SAMPLES = flags.DEFINE_integer("samples", 64, "Closed-VQA samples.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Samples per decoding batch.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Longest answer in tokens.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed passes of each loop (interleaved; the median is printed).")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed passes of each loop (interleaved; the median is printed).",
+                                lower_bound=1)
 
 
 def main(argv):

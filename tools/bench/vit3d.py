@@ -50,7 +50,8 @@ def _analytic_flops(config, batch: int) -> float:
 
 def _layer_parts(config, jax, jnp, np, torch, repeats: int) -> None:
     """One layer's time by part at the config's size and dtype, batch 1, interleaved JAX / torch runs
-    (medians): the linear layers (qkv, out, MLP: this project's `Dense`), attention (this project's `attend`
+    (medians): the linear layers (qkv, out, MLP: this project's `Dense`, its fp32 kernels cast to the compute
+    dtype at each call as in the model; torch's weights are cast once), attention (this project's `attend`
     against torch's SDPA, a fused CPU kernel; MONAI's ViT computes attention with explicit einsums instead),
     and LayerNorm + GELU."""
     from flax import nnx
