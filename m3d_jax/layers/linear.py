@@ -93,7 +93,8 @@ def over_merged_tokens(product: Callable[[jax.Array, DType | None], jax.Array], 
     def plain(x: jax.Array) -> jax.Array:
         return product(x, None)
 
-    out_dtype = jax.eval_shape(plain, x).dtype
+    # the plain product's dtype, for the fp32-accumulated one to round to (traced only where it is needed)
+    out_dtype = jax.eval_shape(plain, x).dtype if low_precision else None
 
     def on_cpu(x: jax.Array) -> jax.Array:
         merged = x.reshape((-1,) + x.shape[lead:]) if lead > 1 else x
